@@ -1,0 +1,37 @@
+# The README's commands. Each creates .venv (pinned torch, the project and its tools) when missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Pinned: pip takes these from the machine's disk; an unpinned torch would download several GB.
+DEPS   := torch==2.14.1 torchvision==0.29.1 ninja pybind11 "setuptools>=70" wheel \
+          pytest hypothesis tqdm matplotlib
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
+export MAX_JOBS ?= 2
+
+.PHONY: run test bench build clean
+
+run: $(VENV)/.built
+	$(PY) -m segclip demo
+
+test: $(VENV)/.built
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.built
+	$(PY) benchmarks/bench_clip.py
+
+build: $(VENV)/.built
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+# Builds the extensions in place (ninja rebuilds only what changed) and installs the package
+# (console script `segclip`) in editable mode.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+clean:
+	rm -rf build segclip/*.so *.egg-info $(VENV)/.built

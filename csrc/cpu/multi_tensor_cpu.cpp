@@ -1,0 +1,275 @@
+// CPU kernels for segclip's ops (schemas and the op contract: csrc/segclip.cpp, see note: [op contract]).
+#include "vec_capability.h"  // first: it selects at::vec's implementation, see note: [CPU vector width]
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace segclip {
+namespace {
+
+using at::vec::Vectorized;
+
+// NOTE: [CPU chunking and determinism]
+// Every tensor is cut into chunks of kChunkElems elements (its last chunk may be shorter). Chunk
+// boundaries depend only on the tensors' sizes, never on the number of threads; one parallel region
+// runs over the chunks of all tensors at once, each chunk's partial result goes to its own slot, and
+// one thread combines the slots in index order afterwards. The result is therefore bitwise identical
+// for every torch.set_num_threads value and every call.
+constexpr int64_t kChunkElems = int64_t{1} << 16;
+
+// NOTE: [CPU accumulation precision]
+// Inside a chunk each vector lane accumulates in the op-math type (float for half/bfloat16/float,
+// double for double) over a block of kBlockLoads vector loads per accumulator; each block's sum is then
+// added in double. fp32 rounding error thus stays at the scale of one block (a few hundred terms),
+// keeping the relative error of an fp32 norm near 1e-7 however many elements there are.
+constexpr int kAccumulators = 4;
+constexpr int64_t kBlockLoads = 32;
+
+enum class NormKind { kL1, kL2, kLinf };
+
+NormKind norm_kind(double norm_type) {
+  if (norm_type == 2.0) return NormKind::kL2;
+  if (norm_type == 1.0) return NormKind::kL1;
+  if (std::isinf(norm_type) && norm_type > 0) return NormKind::kLinf;
+  TORCH_CHECK(false, "segclip kernels support norm_type 1, 2 and inf, got ", norm_type,
+              " (segclip.total_norm and segclip.fused_clip_ handle other norm types through PyTorch)");
+}
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Combines two partial results; max propagates NaN so a NaN anywhere gives a NaN inf-norm, as torch.
+template <NormKind K>
+inline double combine(double a, double b) {
+  if constexpr (K == NormKind::kLinf) {
+    return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<double>::quiet_NaN() : std::max(a, b);
+  } else {
+    return a + b;
+  }
+}
+
+template <NormKind K, typename acc_t>
+inline Vectorized<acc_t> accumulate(const Vectorized<acc_t>& acc, const Vectorized<acc_t>& x) {
+  if constexpr (K == NormKind::kL2) {
+    return at::vec::fmadd(x, x, acc);
+  } else if constexpr (K == NormKind::kL1) {
+    return acc + x.abs();
+  } else {
+    return at::vec::maximum(acc, x.abs());  // at::vec::maximum propagates NaN
+  }
+}
+
+template <NormKind K, typename acc_t>
+inline double scalar_term(acc_t x) {
+  if constexpr (K == NormKind::kL2) {
+    return static_cast<double>(x) * static_cast<double>(x);
+  } else {
+    return std::abs(static_cast<double>(x));
+  }
+}
+
+// Loads one Vectorized<scalar_t> worth of elements as op-math vectors (two of them for half/bfloat16).
+template <typename scalar_t>
+struct Loader {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kOut = 1;
+  static void load(const scalar_t* p, Vectorized<acc_t>* out) { out[0] = Vectorized<acc_t>::loadu(p); }
+};
+
+template <typename scalar_t>
+struct ReducedLoader {
+  static constexpr int kOut = 2;
+  static void load(const scalar_t* p, Vectorized<float>* out) {
+    std::tie(out[0], out[1]) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+  }
+};
+template <>
+struct Loader<at::Half> : ReducedLoader<at::Half> {};
+template <>
+struct Loader<at::BFloat16> : ReducedLoader<at::BFloat16> {};
+
+// The partial result of one chunk: sum of |x|^p for p = 1, 2, or max |x| for p = inf.
+template <typename scalar_t, NormKind K>
+double chunk_partial(const scalar_t* data, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using L = Loader<scalar_t>;
+  constexpr int64_t kStep = Vectorized<scalar_t>::size();  // elements per load
+  constexpr int kAcc = kAccumulators * L::kOut;
+  constexpr int64_t kPerIter = kStep * kAccumulators;
+  double total = 0.0;
+  int64_t i = 0;
+  while (i + kPerIter <= n) {
+    Vectorized<acc_t> acc[kAcc];
+    for (int a = 0; a < kAcc; ++a) acc[a] = Vectorized<acc_t>(acc_t(0));
+    const int64_t block_end = std::min(n, i + kPerIter * kBlockLoads);
+    for (; i + kPerIter <= block_end; i += kPerIter) {
+      for (int a = 0; a < kAccumulators; ++a) {
+        Vectorized<acc_t> x[L::kOut];
+        L::load(data + i + a * kStep, x);
+        for (int o = 0; o < L::kOut; ++o) acc[a * L::kOut + o] = accumulate<K>(acc[a * L::kOut + o], x[o]);
+      }
+    }
+    // Fixed-shape tree over the accumulators, then over the lanes.
+    for (int width = kAcc / 2; width >= 1; width /= 2) {
+      for (int a = 0; a < width; ++a) {
+        acc[a] = (K == NormKind::kLinf) ? at::vec::maximum(acc[a], acc[a + width]) : acc[a] + acc[a + width];
+      }
+    }
+    acc_t lanes[Vectorized<acc_t>::size()];
+    acc[0].store(lanes);
+    for (int64_t l = 0; l < Vectorized<acc_t>::size(); ++l) total = combine<K>(total, static_cast<double>(lanes[l]));
+  }
+  for (; i < n; ++i) total = combine<K>(total, scalar_term<K>(static_cast<acc_t>(data[i])));
+  return total;
+}
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// Chunks of all tensors in list order; see note: [CPU chunking and determinism].
+std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& tensors) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t) {
+    const int64_t n = tensors[t].numel();
+    for (int64_t b = 0; b < n; b += kChunkElems) chunks.push_back({t, b, std::min(n, b + kChunkElems)});
+  }
+  return chunks;
+}
+
+// A tensor whose elements fill exactly [data_ptr, data_ptr + numel) in some order (contiguous,
+// channels_last, transposed, ...) can be processed as one flat array.
+bool is_flat(const at::Tensor& t) { return t.is_contiguous() || t.is_non_overlapping_and_dense(); }
+
+void check_tensors(at::TensorList tensors, const char* op) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.defined(), op, ": tensors[", i, "] is undefined");
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] has layout ", t.layout(),
+                "; only strided (dense) tensors are supported");
+    TORCH_CHECK(t.device().is_cpu(), op, ": tensors[", i, "] is on ", t.device(),
+                "; the CPU kernel takes CPU tensors only");
+    TORCH_CHECK(is_supported_dtype(t.scalar_type()), op, ": tensors[", i, "] has dtype ", t.scalar_type(),
+                "; supported: float32, float64, float16, bfloat16");
+  }
+}
+
+template <NormKind K>
+double reduce_chunks(const std::vector<at::Tensor>& flat, const std::vector<Chunk>& chunks) {
+  std::vector<double> partials(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk& ch = chunks[c];
+      const at::Tensor& t = flat[ch.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "segclip_norm_cpu", [&] {
+        partials[c] = chunk_partial<scalar_t, K>(t.const_data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin);
+      });
+    }
+  });
+  double total = 0.0;
+  for (double p : partials) total = combine<K>(total, p);
+  if constexpr (K == NormKind::kL2) total = std::sqrt(total);
+  return total;
+}
+
+// Returns the norm in double and the output dtype (float64 if any input is float64, else float32).
+std::tuple<double, at::ScalarType> norm_impl(at::TensorList tensors, double norm_type, const char* op) {
+  TORCH_CHECK(!tensors.empty(), op, ": expected a non-empty list of tensors");
+  check_tensors(tensors, op);
+  const NormKind kind = norm_kind(norm_type);
+  at::ScalarType out_dtype = at::kFloat;
+  std::vector<at::Tensor> flat;
+  flat.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    if (t.scalar_type() == at::kDouble) out_dtype = at::kDouble;
+    flat.push_back(is_flat(t) ? t : t.contiguous());  // a strided view: read a packed copy
+  }
+  const std::vector<Chunk> chunks = make_chunks(flat);
+  double total = 0.0;
+  switch (kind) {
+    case NormKind::kL2: total = reduce_chunks<NormKind::kL2>(flat, chunks); break;
+    case NormKind::kL1: total = reduce_chunks<NormKind::kL1>(flat, chunks); break;
+    case NormKind::kLinf: total = reduce_chunks<NormKind::kLinf>(flat, chunks); break;
+  }
+  return {total, out_dtype};
+}
+
+at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
+  auto [total, out_dtype] = norm_impl(tensors, norm_type, "segclip::multi_tensor_norm");
+  return at::scalar_tensor(total, tensors[0].options().dtype(out_dtype));
+}
+
+// min(1, max_norm / (norm + 1e-6)) in the norm's dtype; a NaN norm gives NaN (torch.clamp keeps NaN).
+template <typename T>
+T clip_coefficient(T norm, T max_norm) {
+  const T coef = max_norm / (norm + T(1e-6));
+  return std::isnan(coef) ? coef : std::min(coef, T(1));
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_coef_cpu(at::TensorList tensors, double norm_type,
+                                                              double max_norm) {
+  auto [total, out_dtype] = norm_impl(tensors, norm_type, "segclip::multi_tensor_norm_coef");
+  const auto options = tensors[0].options().dtype(out_dtype);
+  if (out_dtype == at::kDouble) {
+    return {at::scalar_tensor(total, options), at::scalar_tensor(clip_coefficient(total, max_norm), options)};
+  }
+  const float norm32 = static_cast<float>(total);
+  return {at::scalar_tensor(norm32, options),
+          at::scalar_tensor(clip_coefficient(norm32, static_cast<float>(max_norm)), options)};
+}
+
+template <typename scalar_t>
+void scale_chunk(scalar_t* data, int64_t n, double coef) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const acc_t c = static_cast<acc_t>(coef);
+  // For half/bfloat16 at::vec::map converts to float, applies the lambda and rounds once.
+  at::vec::map([c](Vec x) { return x * Vec(c); }, data, data, n);
+}
+
+void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
+  const char* op = "segclip::multi_tensor_scale_";
+  TORCH_CHECK(coef.numel() == 1 && coef.dim() == 0, op, ": coef must be a 0-dim tensor, got shape ",
+              coef.sizes());
+  TORCH_CHECK(coef.device().is_cpu(), op, ": coef is on ", coef.device(), "; expected a CPU tensor");
+  TORCH_CHECK(at::isFloatingType(coef.scalar_type()), op, ": coef must be floating point, got ",
+              coef.scalar_type());
+  check_tensors(tensors, op);
+  const double c = coef.item<double>();  // a CPU tensor: no device synchronisation
+  if (c >= 1.0) return;                  // nothing to clip: write nothing (NaN is not >= 1: it scales)
+
+  std::vector<at::Tensor> flat;
+  std::vector<at::Tensor> strided;  // views with gaps: scaled in place by ATen after the fused pass
+  for (const at::Tensor& t : tensors) (is_flat(t) ? flat : strided).push_back(t);
+  const std::vector<Chunk> chunks = make_chunks(flat);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Chunk& ch = chunks[i];
+      const at::Tensor& t = flat[ch.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "segclip_scale_cpu", [&] {
+        scale_chunk<scalar_t>(t.mutable_data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin, c);
+      });
+    }
+  });
+  for (at::Tensor& t : strided) t.mul_(coef);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segclip, CPU, m) {
+  m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
+  m.impl("multi_tensor_norm_coef", &multi_tensor_norm_coef_cpu);
+  m.impl("multi_tensor_scale_", &multi_tensor_scale_cpu);
+}
+
+}  // namespace segclip

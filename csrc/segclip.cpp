@@ -1,0 +1,37 @@
+// The one place where segclip's operator schemas are declared.
+//
+// Each dispatch key registers its kernels in its own file:
+//   csrc/cpu/multi_tensor_cpu.cpp    TORCH_LIBRARY_IMPL(segclip, CPU, m)
+//   csrc/cuda/*.cu                   TORCH_LIBRARY_IMPL(segclip, CUDA, m)  (separate library, _C_cuda)
+// Fake (meta) kernels for torch.compile are registered from Python (segclip/_ops.py), and only when
+// this library loaded.
+//
+// NOTE: [op contract]
+// Every op takes a list of tensors that all live on one device. The list may mix floating dtypes
+// (float16, bfloat16, float32, float64). Tensors may be empty, non-contiguous or misaligned.
+//  * multi_tensor_norm(tensors, norm_type) -> Tensor
+//      The norm of the concatenation of all tensors, as a 0-dim tensor on the tensors' device,
+//      float64 when any input is float64, float32 otherwise. norm_type is 1, 2 or inf.
+//      Deterministic: the same inputs give a bitwise-identical result on every call.
+//  * multi_tensor_norm_coef(tensors, norm_type, max_norm) -> (Tensor norm, Tensor coef)
+//      The norm as above plus the clip coefficient min(1, max_norm / (norm + 1e-6)) computed on the
+//      device (same dtype as norm). NaN norm gives a NaN coefficient, as in torch.
+//  * multi_tensor_scale_(tensors, coef) -> ()
+//      tensors *= coef, in place. coef is a 0-dim floating tensor on the same device. When
+//      coef >= 1 nothing is written at all (NaN is not >= 1, so NaN scales, as torch does).
+//      Products are computed in float32 (float64 for float64 tensors) and rounded once.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(segclip, m) {
+  m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");
+  m.def("multi_tensor_norm_coef(Tensor[] tensors, float norm_type, float max_norm) -> (Tensor, Tensor)");
+  m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()");
+}
+
+// Importing segclip._C loads this shared library, which runs the registrations above; the module
+// itself is empty. (No pybind11: the ops are reached through torch.ops.segclip.*.)
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
