@@ -1,0 +1,15 @@
+"""segclip: fused multi-tensor gradient clipping for PyTorch.
+
+    import segclip
+    loss.backward()
+    total = segclip.fused_clip_(model.parameters(), max_norm=1.0)  # drop-in for clip_grad_norm_
+    optimizer.step()
+
+See ``segclip.backends()`` for which kernels were compiled and loaded here.
+"""
+
+from ._ext import BackendInfo, backends
+from .clip import clip_grad_norm_, clip_with_norm_, fused_clip_, total_norm
+
+__all__ = ["fused_clip_", "clip_grad_norm_", "total_norm", "clip_with_norm_", "backends", "BackendInfo"]
+__version__ = "0.1.0"

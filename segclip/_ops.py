@@ -1,0 +1,33 @@
+"""Fake (meta) kernels for segclip's custom ops, so ``torch.compile`` can trace through them.
+
+Registered only when the op library loaded (see note: [op contract] in csrc/segclip.cpp): a fake
+kernel for an op that does not exist would turn every import into an error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+
+
+def _norm_dtype(tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+if _ext.CPU_LOADED:
+
+    @torch.library.register_fake("segclip::multi_tensor_norm")
+    def _multi_tensor_norm_fake(tensors, norm_type):
+        torch._check(len(tensors) > 0, lambda: "segclip::multi_tensor_norm: expected a non-empty list")
+        return tensors[0].new_empty((), dtype=_norm_dtype(tensors))
+
+    @torch.library.register_fake("segclip::multi_tensor_norm_coef")
+    def _multi_tensor_norm_coef_fake(tensors, norm_type, max_norm):
+        torch._check(len(tensors) > 0, lambda: "segclip::multi_tensor_norm_coef: expected a non-empty list")
+        dtype = _norm_dtype(tensors)
+        return tensors[0].new_empty((), dtype=dtype), tensors[0].new_empty((), dtype=dtype)
+
+    @torch.library.register_fake("segclip::multi_tensor_scale_")
+    def _multi_tensor_scale_fake(tensors, coef):
+        return None

@@ -1,0 +1,293 @@
+"""segclip's public clipping API: argument checks, grouping by device, and the choice of backend.
+
+Data flows one way: user call -> argument checks (clear errors) -> grads grouped by device ->
+``torch.ops.segclip.*`` (the CPU or CUDA kernel) or the pure-PyTorch backend (segclip.reference),
+chosen per device in ``_plan``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import types
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from . import _ext, _ops, reference  # noqa: F401  (_ops registers the fake kernels)
+
+BACKENDS = ("auto", "torch", "cpu", "cuda")
+# Norm types the kernels compute; any other goes through segclip.reference on every backend.
+KERNEL_NORM_TYPES = (2.0, 1.0, math.inf)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+_TensorOrTensors = Tensor | Iterable[Tensor]
+
+
+# A device's gradients: (device, those the kernel takes, those only PyTorch handles, use the kernel).
+_Group = tuple[torch.device, list[Tensor], list[Tensor], bool]
+
+
+def _as_list(tensors: _TensorOrTensors, name: str) -> list:
+    if isinstance(tensors, Tensor):
+        return [tensors]
+    is_generator = isinstance(tensors, types.GeneratorType)
+    items = list(tensors)  # a generator is consumed once, here
+    if is_generator and not items:
+        warnings.warn(f"`{name}` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    return items
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _parse_max_norm(max_norm) -> float:
+    if isinstance(max_norm, Tensor):
+        if max_norm.numel() != 1:
+            raise ValueError(f"max_norm must be a number or a one-element tensor, got shape {tuple(max_norm.shape)}")
+        value = float(max_norm)  # a CUDA tensor costs one synchronisation here; pass a float to avoid it
+    elif isinstance(max_norm, numbers.Real) and not isinstance(max_norm, bool):
+        value = float(max_norm)
+    else:
+        raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}: {max_norm!r}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"max_norm must be a non-negative number, got {max_norm!r}")
+    return value
+
+
+def _check_tensor(t: Tensor, what: str) -> None:
+    if not (t.dtype.is_floating_point or t.dtype.is_complex):
+        raise TypeError(f"{what} has dtype {t.dtype}; gradient norms need floating-point tensors")
+    if t.layout not in (torch.strided, torch.sparse_coo, torch.sparse_csr):
+        raise TypeError(f"{what} has layout {t.layout}; supported: strided, sparse_coo, sparse_csr")
+
+
+def _grads_of(parameters: list) -> list[Tensor]:
+    grads = []
+    for i, p in enumerate(parameters):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"parameters[{i}] is a {type(p).__name__}, expected a Tensor")
+        g = p.grad
+        if g is not None:
+            _check_tensor(g, f"the gradient of parameters[{i}]")
+            grads.append(g)
+    return grads
+
+
+def _resolve(backend: str, device: torch.device) -> bool:
+    """True when ``device``'s gradients go to a compiled kernel, False for segclip.reference."""
+    requested = _ext.ENV_BACKEND if backend == "auto" else backend
+    if requested == "auto":
+        return _ext.compiled_for(device.type)
+    if requested == "torch":
+        return False
+    if device.type != requested:
+        raise ValueError(f"backend={requested!r} cannot handle gradients on {device}; "
+                         "use backend='auto' to pick a backend per device")
+    if not _ext.compiled_for(requested):
+        raise RuntimeError(f"backend={requested!r} is unavailable: {_ext.backends()[requested].reason}")
+    return True
+
+
+def _plan(grads: list[Tensor], backend: str) -> list[_Group]:
+    """Groups gradients by device (first-seen order) and picks each device's backend."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    groups = []
+    for device, ts in by_device.items():
+        if _resolve(backend, device):
+            kernel = [t for t in ts if t.layout == torch.strided and t.dtype in KERNEL_DTYPES]
+            other = [t for t in ts if not (t.layout == torch.strided and t.dtype in KERNEL_DTYPES)]
+            groups.append((device, kernel, other, True))
+        else:
+            groups.append((device, [], ts, False))
+    return groups
+
+
+def _norm_and_coef(groups: list[_Group], norm_type: float, max_norm: float | None,
+                   first_device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The total norm over all groups and, when ``max_norm`` is given, the clip coefficient."""
+    in_kernel = norm_type in KERNEL_NORM_TYPES
+    if in_kernel and len(groups) == 1 and groups[0][1] and not groups[0][2] and max_norm is not None:
+        # The common case: one device, all in the kernel. The norm, its final reduction and the
+        # coefficient come from one op, on the device, without a host synchronisation.
+        return torch.ops.segclip.multi_tensor_norm_coef(groups[0][1], norm_type, max_norm)
+    pieces: list[Tensor] = []
+    for _, kernel, other, use_kernel in groups:
+        if use_kernel and in_kernel and kernel:
+            pieces.append(torch.ops.segclip.multi_tensor_norm(kernel, norm_type))
+            pieces.extend(reference.tensor_norms(other, norm_type))
+        else:
+            pieces.extend(reference.tensor_norms(kernel + other, norm_type))
+    total = reference.combine_norms(pieces, norm_type, first_device, dtype)
+    coef = reference.clip_coefficient(total, max_norm) if max_norm is not None else None
+    return total, coef
+
+
+def _scale(groups: list[_Group], coef: Tensor) -> None:
+    for device, kernel, other, use_kernel in groups:
+        c = coef if coef.device == device else coef.to(device)
+        if use_kernel and kernel:
+            torch.ops.segclip.multi_tensor_scale_(kernel, c)
+        if other:
+            reference.multi_tensor_scale_(other, c)
+
+
+def _check_finite(total: Tensor, norm_type: float) -> None:
+    if not bool(torch.isfinite(total)):  # the one documented host synchronisation
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+            "anyway, set `error_if_nonfinite=False`")
+
+
+def _empty_norm() -> Tensor:
+    return torch.tensor(0.0)
+
+
+def _fast_clip(params: list, max_norm: float, norm_type: float, error_if_nonfinite: bool,
+               backend: str) -> Tensor | None:
+    """The common case in two op calls, or None when the general path must decide.
+
+    NOTE: [fast path]
+    Per-gradient checks and grouping in Python cost about 1 us per gradient, as much as the whole
+    norm pass of a small model. When every gradient sits on one device and the kernel takes them
+    all, the op's own argument checks (device, dtype, layout of each tensor, in C++) are the only
+    ones needed. If they refuse the list (mixed devices, sparse or complex gradients, ...), nothing
+    has been written yet, and the general path groups, routes or raises a precise error.
+    Not used while torch.compile traces: there the Python overhead is compiled away anyway.
+    """
+    if norm_type not in KERNEL_NORM_TYPES:
+        return None
+    try:
+        grads = [p.grad for p in params if p.grad is not None]
+    except AttributeError:
+        return None  # a non-Tensor in parameters: the general path names it
+    if not grads or not _resolve(backend, grads[0].device):
+        return None
+    with torch.no_grad():
+        try:
+            total, coef = torch.ops.segclip.multi_tensor_norm_coef(grads, norm_type, max_norm)
+        except RuntimeError:
+            return None
+        if error_if_nonfinite:
+            _check_finite(total, norm_type)
+        torch.ops.segclip.multi_tensor_scale_(grads, coef)
+    return total
+
+
+def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float = 2.0,
+                error_if_nonfinite: bool = False, *, backend: str = "auto") -> Tensor:
+    """Clips the gradient norm of ``parameters`` in place; a drop-in for ``torch.nn.utils.clip_grad_norm_``.
+
+    The norm over all gradients is taken in one fused multi-tensor pass per device; the clip
+    coefficient ``min(1, max_norm / (total + 1e-6))`` stays on the device (no host synchronisation);
+    when the total is at most ``max_norm`` the scaling pass writes nothing.
+
+    Args:
+        parameters: a Tensor or an iterable of Tensors (a generator is consumed once). Parameters whose
+            ``.grad`` is None are skipped.
+        max_norm: the largest allowed total norm; a non-negative number.
+        norm_type: the p of the p-norm, as for torch (``'inf'`` and ``math.inf`` for the max norm).
+            1, 2 and inf run in the kernels; other values are computed by PyTorch ops.
+        error_if_nonfinite: raise ``RuntimeError`` when the total norm is NaN or infinite (costs one
+            host synchronisation, as in torch). When False, a NaN/inf norm scales the gradients to
+            NaN/0 exactly as torch does.
+        backend: ``"auto"`` (per device: the compiled kernel when one is built, else PyTorch),
+            ``"torch"``, ``"cpu"`` or ``"cuda"`` (that kernel or an error saying why not).
+
+    Returns:
+        The total norm before clipping: a 0-dim float32 tensor (float64 when any gradient is float64)
+        on the first gradient's device, whatever the gradients' dtype (torch returns a bfloat16 norm
+        for bfloat16 gradients). ``tensor(0.)`` when no parameter has a gradient.
+
+    Raises:
+        ValueError: ``max_norm`` negative or NaN, an unknown ``backend``, or ``norm_type`` not a number.
+        TypeError: a parameter that is not a Tensor, or a gradient that is not floating point.
+        RuntimeError: ``error_if_nonfinite`` and a non-finite norm; an unavailable explicit backend.
+    """
+    _check_backend(backend)
+    max_norm = _parse_max_norm(max_norm)
+    norm_type = float(norm_type)  # the errors torch gives for a bad norm_type
+    params = _as_list(parameters, "parameters")
+    if not torch.compiler.is_compiling():
+        fast = _fast_clip(params, max_norm, norm_type, error_if_nonfinite, backend)
+        if fast is not None:
+            return fast
+    grads = _grads_of(params)
+    if not grads:
+        return _empty_norm()
+    with torch.no_grad():
+        groups = _plan(grads, backend)
+        dtype = reference.accumulate_dtype(g.dtype for g in grads)
+        total, coef = _norm_and_coef(groups, norm_type, max_norm, grads[0].device, dtype)
+        if error_if_nonfinite:
+            _check_finite(total, norm_type)
+        _scale(groups, coef)
+    return total
+
+
+clip_grad_norm_ = fused_clip_
+
+
+def total_norm(grads: _TensorOrTensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, *,
+               backend: str = "auto") -> Tensor:
+    """The norm of ``grads`` viewed as one vector, like ``torch.nn.utils.get_total_norm``.
+
+    Args:
+        grads: a Tensor or an iterable of Tensors (None entries are skipped).
+        norm_type, error_if_nonfinite, backend: as for :func:`fused_clip_`.
+
+    Returns:
+        A 0-dim float32 tensor (float64 when any tensor is float64) on the first tensor's device;
+        ``tensor(0.)`` for no tensors.
+    """
+    _check_backend(backend)
+    norm_type = float(norm_type)
+    tensors = []
+    for i, t in enumerate(_as_list(grads, "grads")):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"grads[{i}] is a {type(t).__name__}, expected a Tensor")
+        _check_tensor(t, f"grads[{i}]")
+        tensors.append(t)
+    if not tensors:
+        return _empty_norm()
+    with torch.no_grad():
+        groups = _plan(tensors, backend)
+        dtype = reference.accumulate_dtype(t.dtype for t in tensors)
+        total, _ = _norm_and_coef(groups, norm_type, None, tensors[0].device, dtype)
+        if error_if_nonfinite:
+            _check_finite(total, norm_type)
+    return total
+
+
+def clip_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_norm: Tensor | float, *,
+                    backend: str = "auto") -> None:
+    """Scales gradients in place given a precomputed total norm, like
+    ``torch.nn.utils.clip_grads_with_norm_``: ``grad *= min(1, max_norm / (total_norm + 1e-6))``.
+
+    Args:
+        parameters: a Tensor or an iterable of Tensors; those without a gradient are skipped.
+        max_norm: the largest allowed total norm; a non-negative number.
+        total_norm: the norm (a 0-dim tensor on any device, or a number), e.g. from :func:`total_norm`.
+        backend: as for :func:`fused_clip_`.
+    """
+    _check_backend(backend)
+    max_norm = _parse_max_norm(max_norm)
+    grads = _grads_of(_as_list(parameters, "parameters"))
+    if not grads:
+        return
+    if not isinstance(total_norm, Tensor):
+        total_norm = torch.tensor(float(total_norm), device=grads[0].device)
+    if total_norm.numel() != 1:
+        raise ValueError(f"total_norm must hold one value, got shape {tuple(total_norm.shape)}")
+    with torch.no_grad():
+        coef = reference.clip_coefficient(total_norm.reshape(()), max_norm)
+        _scale(_plan(grads, backend), coef)

@@ -1,0 +1,101 @@
+"""The pure-PyTorch backend: the same contract as the compiled ops (see note: [op contract] in
+csrc/segclip.cpp), built from stock PyTorch ops. It runs wherever no kernel is compiled for a device,
+handles what the kernels do not (any ``norm_type``, sparse and complex gradients), and is one of the
+tests' oracles beside float64 math.
+
+Semantics follow ``torch.nn.utils.get_total_norm``: a norm per tensor, then the norm of those norms.
+That is the norm of the concatenation for every ``norm_type`` except 0, where torch (and so this
+module) counts the tensors with a non-zero element rather than the elements.
+
+Two deliberate differences from torch:
+  * norms accumulate in float32 (float64 for float64 and complex128 inputs), so float16/bfloat16
+    gradients get a float32 norm instead of a rounded one;
+  * empty tensors are skipped: torch raises for the inf norm of a list holding an empty tensor,
+    which the norm of the concatenation does not need to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_WIDE = (torch.float64, torch.complex128)
+
+
+def accumulate_dtype(dtypes) -> torch.dtype:
+    """float64 when any dtype is float64 or complex128, else float32."""
+    return torch.float64 if any(d in _WIDE for d in dtypes) else torch.float32
+
+
+def tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
+    """Per-tensor norms, each a 0-dim tensor on its tensor's device in its accumulation dtype.
+
+    Dense tensors of one device and dtype go through one ``torch._foreach_norm`` call; sparse COO
+    tensors are coalesced (duplicate indices add up) and their values normed.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    norms: list[Tensor] = []
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        if t.layout == torch.sparse_coo:
+            norms.append(_norm_one(t.coalesce().values(), norm_type))
+        elif t.layout != torch.strided:
+            norms.append(_norm_one(t.values(), norm_type))  # compressed layouts have no duplicates
+        else:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    for (_, dtype), group in groups.items():
+        if dtype.is_complex:
+            norms.extend(_norm_one(t, norm_type) for t in group)
+        else:
+            acc = accumulate_dtype([dtype])
+            norms.extend(torch._foreach_norm(group, norm_type, dtype=acc))
+    return norms
+
+
+def _norm_one(t: Tensor, norm_type: float) -> Tensor:
+    acc = accumulate_dtype([t.dtype])
+    if t.dtype.is_complex:
+        return torch.linalg.vector_norm(t, norm_type).to(acc)
+    return torch.linalg.vector_norm(t, norm_type, dtype=acc)
+
+
+def combine_norms(norms: list[Tensor], norm_type: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The norm of a list of partial norms, on ``device`` in ``dtype``; ``tensor(0.)`` for none."""
+    if not norms:
+        return torch.zeros((), device=device, dtype=dtype)
+    if len(norms) == 1:
+        return norms[0].to(device=device, dtype=dtype)
+    stacked = torch.stack([n.to(device=device, dtype=dtype) for n in norms])
+    return torch.linalg.vector_norm(stacked, norm_type)
+
+
+def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """Total norm of ``tensors`` (all on one device), float32 or float64; the op contract."""
+    if not tensors:
+        raise ValueError("multi_tensor_norm: expected a non-empty list of tensors")
+    dtype = accumulate_dtype(t.dtype for t in tensors)
+    return combine_norms(tensor_norms(tensors, norm_type), norm_type, tensors[0].device, dtype)
+
+
+def clip_coefficient(total: Tensor, max_norm: float) -> Tensor:
+    """``min(1, max_norm / (total + 1e-6))`` on ``total``'s device; NaN stays NaN (torch.clamp)."""
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
+    """``tensors *= coef`` in place; skipped when ``coef`` lives on the CPU and is >= 1.
+
+    On other devices the product is always taken (multiplying by 1 leaves values unchanged):
+    checking the value first would cost a host synchronisation.
+    """
+    if coef.device.type == "cpu" and bool(coef >= 1):
+        return
+    dense: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t.layout == torch.strided:
+            dense.setdefault(t.device, []).append(t)
+        else:
+            t.mul_(coef.to(t.device))
+    for device, group in dense.items():
+        torch._foreach_mul_(group, coef.to(device))
