@@ -1,0 +1,213 @@
+"""The ``train``, ``eval``, ``predict`` and ``plot`` subcommands (registered in segclip.cli).
+
+Errors a user can fix (a missing dataset or file, a bad checkpoint) are printed as one message
+naming the path, with exit status 2; set ``SEGCLIP_DEBUG=1`` to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+from .errors import DataError
+from .models import MODELS
+FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _clean_message(exc: BaseException) -> str:
+    """The user-facing message; for an error re-raised from a DataLoader worker, the original one
+    (the last line of the worker's traceback) rather than the traceback."""
+    text = str(exc).strip()
+    if text.startswith("Caught ") and "Traceback" in text:
+        last = text.splitlines()[-1]
+        head, sep, tail = last.partition(": ")
+        return tail if sep and head.split(".")[-1].endswith(("Error", "Exception")) else last
+    if isinstance(exc, KeyError) and text.startswith(("'", '"')):
+        return text[1:-1]
+    return text
+
+
+def _guarded(command: str, func):
+    @functools.wraps(func)
+    def wrapper(args):
+        try:
+            return func(args)
+        except (DataError, FileNotFoundError, ValueError) as exc:
+            if os.environ.get("SEGCLIP_DEBUG"):
+                raise
+            print(f"segclip {command}: error: {_clean_message(exc)}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+def _norm_type(text: str) -> float:
+    try:
+        return float(text)  # accepts "inf"
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 2, 1 or inf)") from None
+
+
+def _add_data_options(p: argparse.ArgumentParser, for_eval: bool = False) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None if for_eval else "synthetic",
+                   help="'synthetic' (generated VOC-format dataset, cached) or a PASCAL VOC folder: the "
+                        "folder holding VOCdevkit, or VOCdevkit/VOC20xx itself"
+                        + (" (default: the checkpoint's training data)" if for_eval else ""))
+    g.add_argument("--synthetic-train", type=int, default=None if for_eval else 240,
+                   help="synthetic dataset: number of train images")
+    g.add_argument("--synthetic-val", type=int, default=None if for_eval else 60,
+                   help="synthetic dataset: number of val images")
+    g.add_argument("--synthetic-size", type=int, default=None if for_eval else 96,
+                   help="synthetic dataset: image side in pixels")
+    g.add_argument("--synthetic-seed", type=int, default=None if for_eval else 0,
+                   help="synthetic dataset: generator seed")
+    g.add_argument("--cache-dir", default=None,
+                   help="where the synthetic dataset is generated (None: $SEGCLIP_CACHE, else "
+                        "$XDG_CACHE_HOME/segclip, else ~/.cache/segclip)")
+    g.add_argument("--workers", type=int, default=0 if for_eval else 2,
+                   help="DataLoader worker processes per rank (0: load in the main process)")
+
+
+def _register_train(sub) -> None:
+    from .engine import CLIP_MODES
+    from .optim import OPTIMIZERS
+
+    p = sub.add_parser(
+        "train", help="train a torchvision segmentation model with fused gradient clipping",
+        description="Train a torchvision segmentation model on PASCAL VOC or the synthetic VOC-format "
+                    "dataset, clipping gradients with segclip.fused_clip_. Multi-process: "
+                    "torchrun --standalone --nproc-per-node N -m segclip train ...",
+        formatter_class=FORMATTER)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="lraspp_mobilenet_v3_large", choices=MODELS,
+                   help="torchvision segmentation model (randomly initialised; nothing is downloaded)")
+    g.add_argument("--num-classes", type=int, default=21, help="classes including background (VOC: 21)")
+    g.add_argument("--aux-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the auxiliary head's loss (weight 0.5) where the model has one (not lraspp)")
+    g.add_argument("--weights", default=None,
+                   help="local state dict or checkpoint to start from (heads of another shape are skipped)")
+    _add_data_options(p)
+    g = p.add_argument_group("data augmentation")
+    g.add_argument("--train-split", default="train", help="split file used for training")
+    g.add_argument("--val-split", default="val", help="split file used for evaluation")
+    g.add_argument("--crop-size", type=int, default=None,
+                   help="training crop side (None: 480 for VOC, the image size for synthetic)")
+    g.add_argument("--eval-size", type=int, default=None,
+                   help="evaluation: shorter side resized to this (None: 520 for VOC, the image size for synthetic)")
+    g.add_argument("--scale-min", type=float, default=0.5, help="random scale: smallest factor of the crop size")
+    g.add_argument("--scale-max", type=float, default=2.0, help="random scale: largest factor of the crop size")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=12, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=16, help="images per step and process")
+    g.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (None: --batch-size)")
+    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="optimizer")
+    g.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="weight decay (not applied to biases and norm weights)")
+    g.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch's fused optimizer kernels where this device has them (else foreach, noted)")
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear LR warmup length in epochs")
+    g.add_argument("--warmup-iters", type=int, default=None, help="warmup length in steps (overrides --warmup-epochs)")
+    g.add_argument("--poly-power", type=float, default=0.9, help="poly decay: lr * (1 - progress) ** power")
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU")
+    g = p.add_argument_group("gradient clipping")
+    g.add_argument("--clip", default="fused", choices=CLIP_MODES,
+                   help="fused: segclip.fused_clip_; torch: torch.nn.utils.clip_grad_norm_; none: only "
+                        "measure the norm (for the log and the non-finite check)")
+    g.add_argument("--max-norm", type=float, default=5.0, help="clip the total gradient norm to this")
+    g.add_argument("--norm-type", type=_norm_type, default=2.0, help="p of the p-norm (e.g. 1, 2, inf)")
+    g.add_argument("--max-nonfinite", type=int, default=20,
+                   help="stop (with a checkpoint) after this many consecutive non-finite steps")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and augmentation")
+    g.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms (bit-identical CPU reruns and resumes)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda or cuda:N")
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (None: torch's default)")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across DDP processes")
+    g.add_argument("--sync-timing", action="store_true",
+                   help="CUDA: synchronise at each phase so per-step timings are exact (costs a few %% "
+                        "throughput); CPU timings are always exact")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    g.add_argument("--out", default=None, help="run folder (None: RUNS_ROOT/<model>-<time>, or the "
+                                                 "--resume checkpoint's folder)")
+    g.add_argument("--runs-root", default="runs", help="parent of default run folders")
+    g.add_argument("--resume", default=None, help="checkpoint (e.g. RUN/last.pt) to resume from")
+    g.add_argument("--no-plot", action="store_true", help="do not write the charts at the end")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args):
+        from .trainer import run as train_run
+        return train_run(args)
+    p.set_defaults(func=_guarded("train", run))
+
+
+def _register_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint: per-class IoU, mIoU, pixel accuracy",
+                       description="Evaluate a checkpoint on a split; prints the table and writes JSON. "
+                                   "Works under torchrun too.", formatter_class=FORMATTER)
+    p.add_argument("--checkpoint", required=True, help="a segclip checkpoint (best.pt, last.pt)")
+    p.add_argument("--split", default="val", help="split file to evaluate")
+    p.add_argument("--eval-size", type=int, default=None, help="shorter side resize (None: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    p.add_argument("--out", default=None, help="JSON output (None: eval-<split>.json next to the checkpoint)")
+    _add_data_options(p, for_eval=True)
+
+    def run(args):
+        from .evaluate import run as eval_run
+        return eval_run(args)
+    p.set_defaults(func=_guarded("eval", run))
+
+
+def _register_predict(sub) -> None:
+    p = sub.add_parser("predict", help="write VOC palette masks and overlays for images",
+                       description="Segment images with a checkpoint: NAME.png (VOC palette mask, void in "
+                                   "VOC's void colour) and NAME_overlay.png per image.",
+                       formatter_class=FORMATTER)
+    p.add_argument("--checkpoint", required=True, help="a segclip checkpoint (best.pt, last.pt)")
+    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders of images")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--size", type=int, default=None,
+                   help="resize the shorter side to this for the model (None: the checkpoint's eval size; "
+                        "0: the image's own size); masks are written at the image's size")
+    p.add_argument("--void-below", type=float, default=0.0,
+                   help="mark pixels whose top class probability is below this as void (255)")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlay colours")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+    def run(args):
+        from .predict import run as predict_run
+        return predict_run(args)
+    p.set_defaults(func=_guarded("predict", run))
+
+
+def _register_plot(sub) -> None:
+    p = sub.add_parser("plot", help="PNG charts of a run and a suggested max_norm",
+                       description="Charts of a run folder (loss, LR, mIoU, grad norm with max_norm and "
+                                   "share clipped, grad-norm histogram with a suggested max_norm, timing).",
+                       formatter_class=FORMATTER)
+    p.add_argument("run_dir", help="a run folder (holds steps.jsonl)")
+    p.add_argument("--out", default=None, help="output folder (None: RUN_DIR/plots)")
+    p.add_argument("--percentile", type=float, default=95.0,
+                   help="suggest max_norm at this percentile of the norms observed after warmup")
+
+    def run(args):
+        from .plots import plot_run
+        paths = plot_run(args.run_dir, args.out, args.percentile)
+        for path in paths:
+            print(path)
+        return 0
+    p.set_defaults(func=_guarded("plot", run))
+
+
+def register(sub) -> None:
+    _register_train(sub)
+    _register_eval(sub)
+    _register_predict(sub)
+    _register_plot(sub)

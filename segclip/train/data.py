@@ -1,0 +1,266 @@
+"""Datasets and loaders: PASCAL VOC (or the synthetic VOC look-alike) through torchvision's
+``VOCSegmentation(download=False)``.
+
+Layout problems (no dataset, no split file, a listed image missing) are found before training,
+and an image that cannot be decoded raises :class:`DataError` naming the file, instead of a
+traceback from deep inside PIL.
+
+Reproducibility: the random augmentation of sample ``i`` in epoch ``e`` is drawn from a generator
+seeded with ``(seed, e, i)``, and the training order comes from ``DistributedSampler`` seeded with
+``seed`` and ``set_epoch(e)``. So the batches of an epoch do not depend on the process's RNG state,
+the number of loader workers, or whether the run was resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import tv_tensors
+from torchvision.datasets import VOCSegmentation
+from torchvision.datasets.voc import DATASET_YEAR_DICT
+from torchvision.transforms.v2 import functional as F
+
+from .errors import DataError
+from .palette import VOID
+
+__all__ = ["DataError", "VOCLocation", "locate_voc", "check_split", "open_split", "SegmentationSet",
+           "train_loader", "eval_loader", "pad_collate", "ShardSampler", "sample_seed"]
+
+_YEAR_DIR = re.compile(r"^VOC(20(0[7-9]|1[0-2]))$")
+EXPECTED_LAYOUT = (
+    "expected a PASCAL VOC folder: either the folder that holds VOCdevkit/VOC2012 or the VOC2012 "
+    "folder itself (any VOCdevkit/VOC2007..VOC2012 works), laid out as\n"
+    "    VOC2012/ImageSets/Segmentation/{train,val}.txt   image names, one per line\n"
+    "    VOC2012/JPEGImages/<name>.jpg                      images\n"
+    "    VOC2012/SegmentationClass/<name>.png               palette PNG masks, 255 = void\n"
+    "or use --data synthetic (the default) for the generated dataset")
+
+
+@dataclass(frozen=True)
+class VOCLocation:
+    """Where a VOC dataset lies: ``voc_dir`` is the ``VOC20xx`` folder; ``root`` and ``year`` are
+    what ``VOCSegmentation`` is given (``root/<base_dir of year>`` is ``voc_dir``)."""
+
+    voc_dir: Path
+    root: Path
+    year: str
+
+
+def _voc_dirs_in(folder: Path) -> list[Path]:
+    found = []
+    for sub in (folder, folder / "VOCdevkit", folder / "TrainVal" / "VOCdevkit"):
+        if sub.is_dir():
+            found += [p for p in sub.iterdir() if p.is_dir() and _YEAR_DIR.match(p.name)]
+    return found
+
+
+def _shim_root(voc_dir: Path, year: str, cache: Path) -> Path:
+    """A folder whose ``<base_dir of year>`` is a symlink to ``voc_dir``, for a VOC20xx folder that
+    does not sit inside a ``VOCdevkit`` folder (VOCSegmentation insists on that nesting)."""
+    key = hashlib.sha1(str(voc_dir.resolve()).encode()).hexdigest()[:12]
+    root = cache / "voc-links" / key
+    link = root / DATASET_YEAR_DICT[year]["base_dir"]
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{link.name}.{os.getpid()}")
+        tmp.symlink_to(voc_dir.resolve(), target_is_directory=True)
+        os.replace(tmp, link)
+    return root
+
+
+def locate_voc(path: str | os.PathLike, cache: Path | None = None) -> VOCLocation:
+    """Finds the VOC20xx folder at or under ``path`` (the highest year when several are there).
+
+    Raises:
+        DataError: ``path`` does not exist or holds no VOC20xx folder; the message shows the layout.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"dataset folder not found: {path}\n{EXPECTED_LAYOUT}")
+    if not path.is_dir():
+        raise DataError(f"dataset path is not a folder: {path}\n{EXPECTED_LAYOUT}")
+    if _YEAR_DIR.match(path.name):
+        voc_dir = path
+    else:
+        candidates = sorted(_voc_dirs_in(path), key=lambda p: p.name)
+        if not candidates:
+            raise DataError(f"no VOCdevkit/VOC20xx folder in {path}\n{EXPECTED_LAYOUT}")
+        voc_dir = candidates[-1]
+    year = _YEAR_DIR.match(voc_dir.name).group(1)
+    base_dir = Path(DATASET_YEAR_DICT[year]["base_dir"])
+    n = len(base_dir.parts)
+    if voc_dir.parts[-n:] == base_dir.parts:
+        root = Path(*voc_dir.parts[:-n]) if len(voc_dir.parts) > n else Path(".")
+    else:
+        from .synthetic import cache_dir
+        root = _shim_root(voc_dir, year, cache if cache is not None else cache_dir())
+    return VOCLocation(voc_dir=voc_dir, root=root, year=year)
+
+
+def check_split(loc: VOCLocation, split: str) -> list[str]:
+    """The names listed in ``split``'s file, after checking that the file and every image and mask
+    it lists exist.
+
+    Raises:
+        DataError: naming the missing split file, folder, or the first missing files.
+    """
+    split_file = loc.voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not split_file.is_file():
+        raise DataError(f"split file not found: {split_file}\n(the '{split}' split lists its image names "
+                        f"there, one per line)\n{EXPECTED_LAYOUT}")
+    try:
+        names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read split file {split_file}: {exc}") from None
+    if not names:
+        raise DataError(f"split file {split_file} lists no images")
+    for sub, ext in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png")):
+        folder = loc.voc_dir / sub
+        if not folder.is_dir():
+            raise DataError(f"folder not found: {folder}\n{EXPECTED_LAYOUT}")
+        missing = [folder / f"{n}{ext}" for n in names if not (folder / f"{n}{ext}").is_file()]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise DataError(f"{split_file} lists {len(names)} images, but {missing[0]}{more} "
+                            f"{'is' if len(missing) == 1 else 'are'} missing")
+    return names
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation: a hash of (seed, epoch, index)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1, np.uint64)[0]
+               >> 1)
+
+
+class SegmentationSet(Dataset):
+    """A ``VOCSegmentation`` split as (image float CxHxW, mask int64 HxW) pairs.
+
+    Args:
+        voc: the torchvision dataset (no transforms of its own).
+        transforms: a v2 transform taking ``(tv_tensors.Image, tv_tensors.Mask)``.
+        num_classes: mask values must be below it or 255 (checked per sample).
+        seed: when not None, sample ``i`` of epoch ``e`` is transformed under ``sample_seed(seed, e, i)``
+            (random augmentation); None for deterministic transforms.
+    """
+
+    def __init__(self, voc: VOCSegmentation, transforms, num_classes: int, seed: int | None = None):
+        self.voc = voc
+        self.transforms = transforms
+        self.num_classes = num_classes
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Takes effect in the next ``iter(loader)`` (workers copy the dataset when they start)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.voc)
+
+    def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        """The untransformed pair, read through ``VOCSegmentation.__getitem__``."""
+        image_path, mask_path = self.voc.images[index], self.voc.masks[index]
+        try:
+            image, mask = self.voc[index]
+            mask_array = np.array(mask)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            which = image_path if not _readable(image_path) else mask_path
+            raise DataError(f"cannot read {which}: {type(exc).__name__}: {exc}") from None
+        if mask_array.ndim != 2:
+            raise DataError(f"mask {mask_path} is not a single-channel (palette) PNG: mode "
+                            f"{mask.mode}, shape {mask_array.shape}")
+        if mask_array.shape != (image.height, image.width):
+            raise DataError(f"mask {mask_path} is {mask_array.shape[1]}x{mask_array.shape[0]} but image "
+                            f"{image_path} is {image.width}x{image.height}")
+        bad = np.unique(mask_array[(mask_array >= self.num_classes) & (mask_array != VOID)])
+        if bad.size:
+            raise DataError(f"mask {mask_path} holds class values {bad.tolist()[:8]}, but num_classes is "
+                            f"{self.num_classes} (valid: 0..{self.num_classes - 1} and {VOID} = void)")
+        return (tv_tensors.Image(F.pil_to_tensor(image)),
+                tv_tensors.Mask(torch.from_numpy(mask_array)))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.load(index)
+        if self.seed is None:
+            image, mask = self.transforms(image, mask)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+                image, mask = self.transforms(image, mask)
+        return image, mask
+
+
+def _readable(path: str) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:
+        return False
+
+
+def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks a batch, padding to the largest height and width: images with 0, masks with void."""
+    h = max(img.shape[-2] for img, _ in batch)
+    w = max(img.shape[-1] for img, _ in batch)
+    images = batch[0][0].new_zeros((len(batch), batch[0][0].shape[0], h, w))
+    masks = torch.full((len(batch), h, w), VOID, dtype=torch.int64)
+    for i, (img, mask) in enumerate(batch):
+        images[i, :, :img.shape[-2], :img.shape[-1]] = img
+        masks[i, :mask.shape[-2], :mask.shape[-1]] = mask
+    return images, masks
+
+
+class ShardSampler(Sampler[int]):
+    """Every ``world``-th index from ``rank``, in order, without padding: each sample is evaluated by
+    exactly one rank, so summed confusion matrices count every pixel once."""
+
+    def __init__(self, length: int, rank: int = 0, world: int = 1):
+        self.indices = list(range(rank, length, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def open_split(loc: VOCLocation, split: str, transforms, num_classes: int,
+               seed: int | None = None) -> SegmentationSet:
+    """Checks ``split`` (see :func:`check_split`) and opens it through ``VOCSegmentation``."""
+    check_split(loc, split)
+    try:
+        voc = VOCSegmentation(str(loc.root), year=loc.year, image_set=split, download=False)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise DataError(f"torchvision's VOCSegmentation cannot open {loc.voc_dir} (split {split!r}): "
+                        f"{exc}\n{EXPECTED_LAYOUT}") from None
+    return SegmentationSet(voc, transforms, num_classes, seed)
+
+
+def train_loader(dataset: SegmentationSet, batch_size: int, workers: int, seed: int, rank: int = 0,
+                 world: int = 1, pin_memory: bool = False) -> DataLoader:
+    """Shuffled (``DistributedSampler`` seeded with ``seed``; call ``loader.sampler.set_epoch(e)``
+    and ``dataset.set_epoch(e)`` before each epoch), dropping the last incomplete batch."""
+    per_rank = len(dataset) // world
+    if per_rank < batch_size:
+        raise DataError(f"the training split has {len(dataset)} images: {per_rank} per process, fewer "
+                        f"than --batch-size {batch_size}; lower the batch size")
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=pad_collate, drop_last=True, pin_memory=pin_memory,
+                      persistent_workers=False)
+
+
+def eval_loader(dataset: SegmentationSet, batch_size: int, workers: int, rank: int = 0, world: int = 1,
+                pin_memory: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
+                      num_workers=workers, collate_fn=pad_collate, pin_memory=pin_memory)

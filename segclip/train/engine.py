@@ -1,0 +1,208 @@
+"""One training epoch: forward (optionally under autocast), backward, clipping, optimizer step.
+
+Per step, in order:
+
+1. data: wait for the batch and copy it to the device;
+2. forward: the model and the loss (cross-entropy, + 0.5 x the aux head's where there is one);
+3. backward: ``scaler.scale(loss).backward()`` (the scaler is a no-op unless fp16 on CUDA);
+4. clip: ``scaler.unscale_(optimizer)`` first, so clipping always sees the true gradients, then
+   ``segclip.fused_clip_`` (``--clip fused``), ``torch.nn.utils.clip_grad_norm_`` (``torch``), or
+   only the norm (``none``: ``segclip.total_norm``, for the log and the non-finite check);
+5. step: when the loss and the norm are finite, ``scaler.step(optimizer)``; otherwise the step is
+   skipped and counted, and after ``max_nonfinite`` consecutive skips :class:`NonFiniteStop` is
+   raised. Then ``scaler.update()`` and the LR schedule's per-iteration step.
+
+Host synchronisation: the loss and the norm are read once per step (one small device-to-host copy,
+needed to decide whether to skip, to log, and to show on the progress bar). Per-phase timings on
+CUDA need ``torch.cuda.synchronize()`` at every phase boundary, which stalls the launch queue
+(typically a few percent of throughput); that happens only with ``sync_timing=True``. Without
+it, CUDA phase times are the host's launch times, not the GPU's. CPU ops are synchronous, so CPU
+timings are exact and cost nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+import segclip
+
+from .models import segmentation_loss
+
+CLIP_MODES = ("fused", "torch", "none")
+PHASES = ("data", "forward", "backward", "clip", "step")
+
+
+class NonFiniteStop(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class StepConfig:
+    device: torch.device
+    clip: str = "fused"
+    max_norm: float = 1.0
+    norm_type: float = 2.0
+    amp: bool = False
+    sync_timing: bool = False
+    max_nonfinite: int = 20
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
+
+
+@dataclass
+class TrainState:
+    """Counters that live across epochs (and in the checkpoint)."""
+
+    step: int = 0               # optimizer iterations done (skipped ones included)
+    skipped_total: int = 0      # steps skipped for a non-finite loss or norm
+    consecutive_nonfinite: int = 0
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "skipped_total": self.skipped_total,
+                "consecutive_nonfinite": self.consecutive_nonfinite}
+
+
+@dataclass
+class EpochSummary:
+    epoch: int
+    steps: int = 0
+    skipped: int = 0
+    clipped: int = 0
+    loss_sum: float = 0.0
+    norms: list = field(default_factory=list)
+    images: int = 0
+    seconds: float = 0.0
+    phase_seconds: dict = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+
+    def to_dict(self) -> dict:
+        finite = self.steps - self.skipped
+        norms = sorted(self.norms)
+        return {
+            "epoch": self.epoch, "steps": self.steps, "skipped": self.skipped, "clipped": self.clipped,
+            "clipped_share": self.clipped / finite if finite else None,
+            "train_loss": self.loss_sum / finite if finite else None,
+            "grad_norm_median": norms[len(norms) // 2] if norms else None,
+            "images": self.images, "seconds": self.seconds,
+            "images_per_second": self.images / self.seconds if self.seconds > 0 else None,
+            "phase_seconds": dict(self.phase_seconds),
+        }
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def clip_gradients(params: list[torch.Tensor], cfg: StepConfig) -> torch.Tensor:
+    """The total gradient norm before clipping, clipping in place unless ``cfg.clip == 'none'``."""
+    if cfg.clip == "fused":
+        return segclip.fused_clip_(params, cfg.max_norm, cfg.norm_type)
+    if cfg.clip == "torch":
+        return torch.nn.utils.clip_grad_norm_(params, cfg.max_norm, cfg.norm_type)
+    if cfg.clip == "none":
+        return segclip.total_norm([p.grad for p in params if p.grad is not None], cfg.norm_type)
+    raise ValueError(f"unknown clip mode {cfg.clip!r}; choose one of {CLIP_MODES}")
+
+
+def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
+                    scheduler, scaler: torch.amp.GradScaler, cfg: StepConfig, epoch: int,
+                    state: TrainState, on_step: Callable[[dict], None] | None = None,
+                    progress=None) -> EpochSummary:
+    """Trains one pass over ``loader``; calls ``on_step(record)`` after every step (every rank).
+
+    ``progress``: a tqdm-like bar (``update``, ``set_postfix``) or None.
+
+    Raises:
+        NonFiniteStop: ``cfg.max_nonfinite`` consecutive steps were skipped.
+    """
+    model.train()
+    device = cfg.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    distributed = dist.is_available() and dist.is_initialized()
+    sync = (lambda: torch.cuda.synchronize(device)) if (device.type == "cuda" and cfg.sync_timing) \
+        else (lambda: None)
+    summary = EpochSummary(epoch)
+    start = time.perf_counter()
+    mark = start
+    for it, (images, masks) in enumerate(loader):
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        sync()
+        times = {}
+        now = time.perf_counter(); times["data"] = now - mark; mark = now
+
+        with torch.autocast(device.type, dtype=cfg.amp_dtype, enabled=cfg.amp):
+            outputs = model(images)
+        loss = segmentation_loss(outputs, masks)
+        sync()
+        now = time.perf_counter(); times["forward"] = now - mark; mark = now
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        sync()
+        now = time.perf_counter(); times["backward"] = now - mark; mark = now
+
+        scaler.unscale_(optimizer)  # clipping sees unscaled gradients (no-op without fp16)
+        norm = clip_gradients(params, cfg)
+        sync()
+        now = time.perf_counter(); times["clip"] = now - mark; mark = now
+
+        # The one host sync of the step. Under DDP the gradients (so the norm) already agree;
+        # the loss is averaged so that every rank takes the same skip decision and logs the same.
+        pair = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)])
+        if distributed:
+            dist.all_reduce(pair, op=dist.ReduceOp.SUM)
+            pair[0] /= dist.get_world_size()
+            pair[1] /= dist.get_world_size()
+        loss_value, norm_value = pair.tolist()
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        lr = optimizer.param_groups[0]["lr"]
+        if finite:
+            scaler.step(optimizer)
+            state.consecutive_nonfinite = 0
+        else:
+            state.skipped_total += 1
+            state.consecutive_nonfinite += 1
+            summary.skipped += 1
+        scaler.update()
+        scheduler.step()
+        sync()
+        now = time.perf_counter(); times["step"] = now - mark; mark = now
+
+        state.step += 1
+        clipped = finite and cfg.clip != "none" and norm_value > cfg.max_norm
+        summary.steps += 1
+        summary.images += images.shape[0] * (dist.get_world_size() if distributed else 1)
+        if finite:
+            summary.loss_sum += loss_value
+            summary.norms.append(norm_value)
+            summary.clipped += int(clipped)
+        for k, v in times.items():
+            summary.phase_seconds[k] += v
+        record = {
+            "step": state.step, "epoch": epoch, "iter": it, "lr": lr,
+            "loss": _finite_or_none(loss_value), "grad_norm": _finite_or_none(norm_value),
+            "clipped": bool(clipped), "skipped": not finite, "batch": images.shape[0],
+            **{f"t_{k}": v for k, v in times.items()},
+        }
+        if on_step is not None:
+            on_step(record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", norm=f"{norm_value:.3g}",
+                                 lr=f"{lr:.2e}", refresh=False)
+        if state.consecutive_nonfinite >= cfg.max_nonfinite:
+            summary.seconds = time.perf_counter() - start
+            raise NonFiniteStop(
+                f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm "
+                f"(last: loss {loss_value}, grad norm {norm_value}) at epoch {epoch}, step {state.step}; "
+                f"stopping")
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,239 @@
+"""``segclip plot RUN_DIR``: PNG charts of a run, and a suggested ``max_norm``.
+
+Charts (matplotlib, Agg backend, so no display is needed):
+
+    loss.png            training loss per step (and its moving average), mean per epoch
+    lr.png              learning rate per step (warmup, then poly decay)
+    miou.png            validation mIoU and pixel accuracy per epoch
+    grad_norm.png       gradient norm before clipping per step, the max_norm line, clipped steps
+    grad_norm_hist.png  histogram of the observed norms with the suggested max_norm
+    timing.png          mean time per step in data / forward / backward / clip / step
+
+How to choose ``max_norm``: clipping is a guard against rare gradient spikes, not a second learning
+rate. Train (or look at a run) and take a high percentile (default the 95th) of the gradient norms
+seen after warmup: then about 5% of steps, the spikes, get scaled down, and typical steps are left
+untouched. A threshold that clips most steps acts as a hidden LR reduction; one above every observed
+norm never acts at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .runlog import CONFIG, EPOCHS, STEPS, read_jsonl
+
+PHASES = ("data", "forward", "backward", "clip", "step")
+
+
+def suggest_max_norm(norms: list[float], percentile: float = 95.0, skip: int = 0) -> tuple[float, float, str]:
+    """A ``max_norm`` from observed norms: the ``percentile`` of the norms after the first ``skip``
+    steps (warmup, when the norms of a random initialisation are still settling; all norms when
+    fewer than 20 remain).
+
+    Returns:
+        ``(suggestion, median of the same norms, the reasoning as one paragraph)``.
+    """
+    import numpy as np
+
+    finite = [n for n in norms if n is not None and math.isfinite(n)]
+    if not finite:
+        raise ValueError("no finite gradient norms were logged")
+    after_warmup = len(finite) - skip >= 20 and skip > 0
+    tail = finite[skip:] if after_warmup else finite
+    value = float(np.percentile(tail, percentile))
+    median = float(np.median(tail))
+    why = (f"suggested max_norm = {value:.3g}: the {percentile:g}th percentile of the {len(tail)} "
+           f"gradient norms logged{' after warmup' if after_warmup else ''} (median {median:.3g}). "
+           f"With it about {100 - percentile:g}% of steps, the spikes, are scaled down, and typical "
+           f"steps keep their full size.")
+    return value, median, why
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-scale ticks written as plain numbers (0.2, 0.5, 1, 2, 5) instead of 2x10^-1."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, acc, q = [], 0.0, []
+    for v in values:
+        q.append(v)
+        acc += v
+        if len(q) > window:
+            acc -= q.pop(0)
+        out.append(acc / len(q))
+    return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: float = 95.0,
+             log=print) -> list[Path]:
+    """Writes the charts for ``run_dir`` into ``out`` (default ``run_dir/plots``); returns their paths.
+
+    Prints the suggested ``max_norm`` with its rationale.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    steps = read_jsonl(run_dir / STEPS)
+    epochs = read_jsonl(run_dir / EPOCHS)
+    if not steps:
+        raise FileNotFoundError(f"{run_dir / STEPS} is missing or empty: is {run_dir} a segclip run folder?")
+    config = json.loads((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
+    args = config.get("args", {})
+    max_norm = args.get("max_norm")
+    clip_mode = args.get("clip", "fused")
+    warmup = int(config.get("warmup_iters", 0) or 0)
+    out = Path(out) if out else run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{args.get('model', run_dir.name)}  ({run_dir.name})"
+    written: list[Path] = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    x = [r["step"] for r in steps]
+    # Loss
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    pts = [(r["step"], r["loss"]) for r in steps if r.get("loss") is not None]
+    if pts:
+        sx, sy = zip(*pts)
+        ax.plot(sx, sy, color="tab:blue", alpha=0.3, lw=0.8, label="loss per step")
+        ax.plot(sx, _moving_average(list(sy), max(5, len(sy) // 50)), color="tab:blue", lw=2,
+                label="moving average")
+    ends = {}
+    for r in steps:
+        ends[r["epoch"]] = r["step"]
+    ep = [(ends[e["epoch"]], e["train_loss"]) for e in epochs if e.get("train_loss") is not None
+          and e["epoch"] in ends]
+    if ep:
+        ax.plot(*zip(*ep), "o-", color="tab:orange", label="mean per epoch")
+    skipped = [r["step"] for r in steps if r.get("skipped")]
+    for s in skipped:
+        ax.axvline(s, color="red", alpha=0.3, lw=0.8)
+    ax.set(xlabel="step", ylabel="loss", title=f"training loss: {title}"
+           + (f"\n{len(skipped)} steps skipped (non-finite, red lines)" if skipped else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, "loss.png")
+
+    # Learning rate
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(x, [r["lr"] for r in steps], color="tab:green")
+    if warmup:
+        ax.axvline(warmup, color="grey", ls="--", lw=1, label=f"end of warmup ({warmup} steps)")
+        ax.legend()
+    ax.set(xlabel="step", ylabel="learning rate", title=f"learning rate (warmup + poly): {title}")
+    ax.grid(alpha=0.3)
+    save(fig, "lr.png")
+
+    # mIoU per epoch
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ev = [(e["epoch"] + 1, e.get("val_miou"), e.get("val_pixel_accuracy")) for e in epochs
+          if e.get("val_miou") is not None]
+    if ev:
+        ex, miou, pacc = zip(*ev)
+        ax.plot(ex, miou, "o-", color="tab:purple", label="val mIoU")
+        ax.plot(ex, pacc, "s--", color="tab:grey", alpha=0.7, label="val pixel accuracy")
+        best = max(range(len(miou)), key=lambda i: miou[i])
+        ax.annotate(f"best {miou[best]:.3f}", (ex[best], miou[best]), textcoords="offset points",
+                    xytext=(0, 8), ha="center")
+        ax.set_xticks(list(ex) if len(ex) <= 20 else ax.get_xticks())
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no evaluation logged yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="epoch", ylabel="score", ylim=(0, 1), title=f"validation: {title}")
+    ax.grid(alpha=0.3)
+    save(fig, "miou.png")
+
+    # Gradient norm per step
+    norms = [(r["step"], r["grad_norm"], r.get("clipped", False)) for r in steps
+             if r.get("grad_norm") is not None]
+    finite_steps = len(norms)
+    n_clipped = sum(1 for _, _, c in norms if c)
+    share = n_clipped / finite_steps if finite_steps else 0.0
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if norms:
+        nx, ny, nc = zip(*norms)
+        ax.plot(nx, ny, color="tab:blue", lw=0.8, alpha=0.8, label="norm before clipping")
+        cx = [s for s, _, c in norms if c]
+        cy = [v for _, v, c in norms if c]
+        if cx:
+            ax.scatter(cx, cy, s=8, color="tab:red", zorder=3, label=f"clipped steps ({n_clipped})")
+        ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis)
+    if max_norm is not None and clip_mode != "none":
+        ax.axhline(max_norm, color="black", ls="--", lw=1.2, label=f"max_norm = {max_norm:g}")
+    mode = "no clipping (norm only measured)" if clip_mode == "none" else f"clip={clip_mode}"
+    ax.set(xlabel="step", ylabel=f"total gradient norm (L{args.get('norm_type', 2.0):g})",
+           title=f"gradient norm before clipping, {mode}: {100 * share:.1f}% of steps clipped\n{title}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper right")
+    save(fig, "grad_norm.png")
+
+    # Histogram and suggestion
+    values = [v for _, v, _ in norms]
+    suggestion, median, why = suggest_max_norm(values, percentile, skip=warmup)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    import numpy as np
+
+    lo, hi = max(min(values), 1e-12), max(values)
+    bins = np.geomspace(lo, hi * 1.0001, 40) if hi > lo * 1.01 else 20
+    n_warm = min(warmup, len(values)) if len(values) - warmup >= 20 else 0
+    if n_warm:
+        ax.hist([values[n_warm:], values[:n_warm]], bins=bins, stacked=True, color=["tab:blue", "lightgrey"],
+                label=["after warmup", f"during warmup ({n_warm} steps)"])
+    else:
+        ax.hist(values, bins=bins, color="tab:blue", alpha=0.75)
+    if isinstance(bins, np.ndarray):
+        ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis)
+    ax.axvline(suggestion, color="tab:green", lw=2, label=f"suggested max_norm {suggestion:.3g} "
+               f"(p{percentile:g} after warmup)")
+    ax.axvline(median, color="grey", ls=":", lw=1.5, label=f"median {median:.3g} (after warmup)")
+    if max_norm is not None and clip_mode != "none":
+        ax.axvline(max_norm, color="black", ls="--", lw=1.2,
+                   label=f"max_norm used {max_norm:g} ({100 * share:.1f}% clipped)")
+    ax.set(xlabel="total gradient norm before clipping (log scale)", ylabel="steps",
+           title=f"observed gradient norms ({len(values)} steps): how to choose max_norm\n{title}")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    save(fig, "grad_norm_hist.png")
+
+    # Timing
+    fig, ax = plt.subplots(figsize=(7, 4))
+    means = [sum(r.get(f"t_{p}", 0.0) for r in steps) / len(steps) * 1e3 for p in PHASES]
+    total = sum(means)
+    bars = ax.bar(PHASES, means, color=["tab:grey", "tab:blue", "tab:orange", "tab:red", "tab:green"])
+    for b, m in zip(bars, means):
+        ax.annotate(f"{m:.1f} ms\n{100 * m / total:.1f}%" if total else "", (b.get_x() + b.get_width() / 2, m),
+                    textcoords="offset points", xytext=(0, 2), ha="center", fontsize=8)
+    ax.set(ylabel="ms per step (mean)", title=f"time per step: {total:.0f} ms, clip={clip_mode}\n{title}")
+    ax.set_ylim(0, max(means) * 1.25 if total else 1)
+    ax.grid(alpha=0.3, axis="y")
+    save(fig, "timing.png")
+
+    clip_note = ""
+    if max_norm is not None and clip_mode != "none":
+        if share > 0.5:
+            clip_note = (f" The max_norm used ({max_norm:g}) clipped {100 * share:.0f}% of steps: it acts as "
+                         f"a hidden learning-rate cut rather than a spike guard.")
+        elif share == 0:
+            clip_note = f" The max_norm used ({max_norm:g}) never clipped: it guards only against bigger spikes."
+        else:
+            clip_note = f" The max_norm used ({max_norm:g}) clipped {100 * share:.1f}% of steps."
+    log(why + clip_note + " Norms change with the learning rate, batch size and model: re-check after "
+        "changing them.")
+    return written
