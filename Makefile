@@ -10,8 +10,10 @@ export MAX_JOBS ?= 2
 
 .PHONY: run test bench build clean
 
+# Trains lraspp_mobilenet_v3_large on the synthetic VOC-format dataset (generated once into
+# $SEGCLIP_CACHE or ~/.cache/segclip) with fused clipping, evaluates, plots; the run goes to runs/.
 run: $(VENV)/.built
-	$(PY) -m segclip demo
+	$(PY) -m segclip train --model lraspp_mobilenet_v3_large --data synthetic --clip fused
 
 test: $(VENV)/.built
 	$(PY) -m pytest -q tests

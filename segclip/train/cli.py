@@ -13,7 +13,16 @@ import sys
 
 from .errors import DataError
 from .models import MODELS
-FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+
+class FORMATTER(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default; required options say so instead of "(default: None)"."""
+
+    def _get_help_string(self, action):
+        if action.required and action.option_strings:
+            return (action.help or "") + " (required)"
+        return super()._get_help_string(action)
+
 
 
 def _clean_message(exc: BaseException) -> str:
@@ -47,6 +56,15 @@ def _norm_type(text: str) -> float:
         return float(text)  # accepts "inf"
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 2, 1 or inf)") from None
+
+
+def _bn_momentum(text: str) -> float | None:
+    if text.strip().lower() in ("model", "none", "default"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or 'model': {text!r}") from None
 
 
 def _add_data_options(p: argparse.ArgumentParser, for_eval: bool = False) -> None:
@@ -86,6 +104,9 @@ def _register_train(sub) -> None:
     g.add_argument("--num-classes", type=int, default=21, help="classes including background (VOC: 21)")
     g.add_argument("--aux-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="use the auxiliary head's loss (weight 0.5) where the model has one (not lraspp)")
+    g.add_argument("--bn-momentum", type=_bn_momentum, default=0.1,
+                   help="momentum of every BatchNorm layer; 'model' keeps the model's own (0.01 for the "
+                        "MobileNetV3 models, whose running statistics then lag a short run from scratch)")
     g.add_argument("--weights", default=None,
                    help="local state dict or checkpoint to start from (heads of another shape are skipped)")
     _add_data_options(p)
@@ -99,7 +120,7 @@ def _register_train(sub) -> None:
     g.add_argument("--scale-min", type=float, default=0.5, help="random scale: smallest factor of the crop size")
     g.add_argument("--scale-max", type=float, default=2.0, help="random scale: largest factor of the crop size")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=12, help="training epochs")
+    g.add_argument("--epochs", type=int, default=10, help="training epochs")
     g.add_argument("--batch-size", type=int, default=16, help="images per step and process")
     g.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (None: --batch-size)")
     g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="optimizer")
@@ -118,7 +139,7 @@ def _register_train(sub) -> None:
     g.add_argument("--clip", default="fused", choices=CLIP_MODES,
                    help="fused: segclip.fused_clip_; torch: torch.nn.utils.clip_grad_norm_; none: only "
                         "measure the norm (for the log and the non-finite check)")
-    g.add_argument("--max-norm", type=float, default=5.0, help="clip the total gradient norm to this")
+    g.add_argument("--max-norm", type=float, default=2.0, help="clip the total gradient norm to this")
     g.add_argument("--norm-type", type=_norm_type, default=2.0, help="p of the p-norm (e.g. 1, 2, inf)")
     g.add_argument("--max-nonfinite", type=int, default=20,
                    help="stop (with a checkpoint) after this many consecutive non-finite steps")

@@ -23,13 +23,24 @@ def has_aux(name: str) -> bool:
     return name not in NO_AUX
 
 
-def build_model(name: str, num_classes: int, aux_loss: bool = True) -> torch.nn.Module:
-    """A randomly initialised model; ``aux_loss`` is honoured where the model has an aux head."""
+def build_model(name: str, num_classes: int, aux_loss: bool = True,
+                bn_momentum: float | None = None) -> torch.nn.Module:
+    """A randomly initialised model; ``aux_loss`` is honoured where the model has an aux head.
+
+    ``bn_momentum``: when given, set on every BatchNorm layer. The MobileNetV3 models use 0.01,
+    tuned for long ImageNet runs; in a short run from scratch their running statistics then lag
+    the weights by ~100 steps and evaluation looks much worse than training until the LR decays.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     kwargs = {"aux_loss": bool(aux_loss)} if has_aux(name) else {}
-    return torchvision.models.get_model(name, weights=None, weights_backbone=None,
-                                        num_classes=num_classes, **kwargs)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None,
+                                         num_classes=num_classes, **kwargs)
+    if bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = bn_momentum
+    return model
 
 
 def extract_state_dict(obj) -> dict[str, torch.Tensor]:

@@ -111,7 +111,7 @@ def make_checkpoint(model, optimizer, scheduler, scaler, epoch: int, state: Trai
         "rng": rng_states,                   # one entry per rank
         "world_size": world,
         "sampler": {"seed": args.seed, "next_epoch": epoch + 1},
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
 
 
@@ -153,7 +153,7 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
                              info.world, pin)
 
     # Model, optimizer, schedule
-    model = build_model(args.model, args.num_classes, args.aux_loss)
+    model = build_model(args.model, args.num_classes, args.aux_loss, args.bn_momentum)
     if args.weights:
         load_weights(model, args.weights, log=log)
     if args.sync_bn and info.enabled:

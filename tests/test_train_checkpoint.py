@@ -1,0 +1,142 @@
+"""Checkpoints: atomic writes (also under SIGKILL), weights_only loading, RNG states, and a training
+run killed mid-epoch that, resumed, ends with exactly the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from _train_util import REPO, TINY, env, segclip
+from segclip.train import checkpoint as ck
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ck.atomic_save({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
+
+    def torn_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        ck.atomic_save({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert ck.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the temporary is gone
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
+    stale = tmp_path / f".last.pt{ck.TMP_MARK}999999"
+    stale.write_bytes(b"torn")
+    ck.atomic_save({"model": {}}, tmp_path / "last.pt")
+    assert not stale.exists()
+
+
+WRITER = """
+import sys, torch
+from segclip.train.checkpoint import atomic_save
+i = 0
+while True:
+    i += 1
+    atomic_save({"model": {"x": torch.full((1_000_000,), float(i))}, "i": i}, sys.argv[1])
+    print(i, flush=True)
+"""
+
+
+def test_sigkill_during_saves_never_leaves_a_torn_checkpoint(tmp_path):
+    path = tmp_path / "ck.pt"
+    rng = random.Random(0)
+    last = 0
+    for _ in range(3):
+        p = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=REPO, env=env(tmp_path),
+                             stdout=subprocess.PIPE, text=True)
+        first = int(p.stdout.readline())   # it is saving in a loop now
+        time.sleep(rng.uniform(0.0, 0.3))  # then dies at an arbitrary point of a save
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        state = torch.load(path, weights_only=True)
+        assert state["i"] >= first and torch.equal(state["model"]["x"], torch.full((1_000_000,), float(state["i"])))
+        last = state["i"]
+        visible = [q.name for q in tmp_path.iterdir() if not q.name.startswith(".")]
+        assert visible == ["ck.pt"]
+    assert last >= 1
+
+
+def test_rng_state_round_trip_is_plain_and_exact(tmp_path):
+    random.seed(1); np.random.seed(2); torch.manual_seed(3)
+    state = ck.rng_state()
+    ck.atomic_save({"model": {}, "rng": [state]}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    random.seed(9); np.random.seed(9); torch.manual_seed(9)
+    ck.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"][0])
+    got = (random.random(), np.random.rand(), torch.rand(2))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_load_rejects_what_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        ck.load(tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        ck.load(tmp_path / "none.pt")
+
+
+RUN = [*TINY, "--epochs", "3", "--deterministic", "--seed", "5", "--no-plot", "--max-norm", "1.0"]
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
+    cache = tmp_path / "cache"
+    # 16 images / batch 4 = 4 steps per epoch; 3 epochs.
+    full = segclip(["train", *RUN, "--out", str(tmp_path / "full")], cache)
+    assert full.returncode == 0, full.stderr
+
+    killed_dir = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "segclip", "train", *RUN, "--out", str(killed_dir)],
+                         cwd=REPO, env=env(cache, SEGCLIP_TEST_HANG_AT_STEP="6"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    steps = killed_dir / "steps.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # step 6 = epoch 1 (0-based), its second step
+        if steps.exists() and any(json.loads(line)["step"] == 6 for line in steps.read_text().splitlines()
+                                  if line.strip()):
+            break
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.1)
+    else:
+        p.kill()
+        pytest.fail("the training process never reached step 6")
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    # What it left: epoch 0 complete in last.pt, loadable; nothing half-written.
+    left = torch.load(killed_dir / "last.pt", weights_only=True)
+    assert left["epoch"] == 0 and left["train_state"]["step"] == 4
+    assert not [q for q in killed_dir.iterdir() if ck.TMP_MARK in q.name]
+
+    resumed = segclip(["train", *RUN, "--resume", str(killed_dir / "last.pt")], cache)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    a, b = _weights(tmp_path / "full" / "last.pt"), _weights(killed_dir / "last.pt")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    # The log holds each step once, and the same losses as the uninterrupted run.
+    log_a = [json.loads(line) for line in (tmp_path / "full" / "steps.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in steps.read_text().splitlines()]
+    assert [r["step"] for r in log_b] == list(range(1, 13))
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    ckpt = torch.load(killed_dir / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["scheduler"]["last_epoch"] == 12

@@ -1,0 +1,187 @@
+"""Data: the synthetic VOC generator, finding a VOC root, clear errors, transforms, determinism."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _train_util import TINY, segclip, tiny_voc
+from segclip.train.data import (DataError, SegmentationSet, check_split, eval_loader, locate_voc,
+                                open_split, pad_collate, sample_seed)
+from segclip.train.palette import VOID, voc_colour
+from segclip.train.synthetic import SyntheticSpec, ensure_synthetic
+from segclip.train.transforms import eval_transforms, train_transforms
+
+
+@pytest.fixture()
+def voc(tmp_path):
+    """A private copy (tests below damage it)."""
+    return tiny_voc(tmp_path / "cache")
+
+
+def test_synthetic_layout_is_voc(voc):
+    d = voc / "VOCdevkit" / "VOC2012"
+    for split, n in (("train", 8), ("val", 4), ("trainval", 12)):
+        names = (d / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+        assert len(names) == n
+    name = (d / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[0]
+    with Image.open(d / "JPEGImages" / f"{name}.jpg") as im:
+        assert im.format == "JPEG" and im.mode == "RGB" and im.size == (32, 32)
+    masks = []
+    for p in sorted((d / "SegmentationClass").glob("*.png")):
+        with Image.open(p) as m:
+            assert m.mode == "P"
+            pal = m.getpalette()
+            assert tuple(pal[3:6]) == voc_colour(1) == (128, 0, 0)
+            assert tuple(pal[3 * 255:3 * 256]) == (224, 224, 192)
+            masks.append(np.array(m))
+    values = np.unique(np.concatenate([m.ravel() for m in masks]))
+    assert VOID in values and 0 in values and ((values > 0) & (values < 21)).any()
+    assert values.max() == VOID and values[values != VOID].max() < 21
+
+
+def test_synthetic_is_deterministic_and_cached(tmp_path):
+    a = ensure_synthetic(SyntheticSpec(4, 2, 24, 5, seed=3), tmp_path / "a", log=lambda *x: None)
+    b = ensure_synthetic(SyntheticSpec(4, 2, 24, 5, seed=3), tmp_path / "b", log=lambda *x: None)
+    for f in sorted(a.rglob("*.*")):
+        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes(), f
+    logged = []
+    ensure_synthetic(SyntheticSpec(4, 2, 24, 5, seed=3), tmp_path / "a", log=logged.append)
+    assert logged == []  # generated once
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+@pytest.mark.parametrize("where", ["root", "devkit", "voc2012"])
+def test_locate_voc_accepts_each_level(voc, where):
+    path = {"root": voc, "devkit": voc / "VOCdevkit", "voc2012": voc / "VOCdevkit" / "VOC2012"}[where]
+    loc = locate_voc(path)
+    assert loc.voc_dir.resolve() == (voc / "VOCdevkit" / "VOC2012").resolve() and loc.year == "2012"
+    ds = open_split(loc, "val", eval_transforms(32), 21)
+    assert len(ds) == 4 and ds[0][0].shape == (3, 32, 32)
+
+
+def test_locate_voc_outside_a_vocdevkit_folder(voc, tmp_path):
+    lone = tmp_path / "elsewhere" / "VOC2010"
+    shutil.copytree(voc / "VOCdevkit" / "VOC2012", lone)
+    loc = locate_voc(lone, cache=tmp_path / "links")
+    assert loc.year == "2010"
+    ds = open_split(loc, "train", eval_transforms(32), 21)
+    assert len(ds) == 8 and ds[7][1].shape == (32, 32)
+
+
+def test_missing_dataset_names_path_and_layout(tmp_path):
+    with pytest.raises(DataError) as e:
+        locate_voc(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(e.value) and "VOCdevkit/VOC2012" in str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no VOCdevkit/VOC20xx folder in .*empty"):
+        locate_voc(tmp_path / "empty")
+
+
+def test_missing_split_file(voc):
+    split = voc / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
+    split.unlink()
+    with pytest.raises(DataError) as e:
+        check_split(locate_voc(voc), "val")
+    assert f"split file not found: {split}" in str(e.value)
+
+
+def test_missing_listed_image(voc):
+    d = voc / "VOCdevkit" / "VOC2012"
+    name = (d / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[1]
+    (d / "JPEGImages" / f"{name}.jpg").unlink()
+    with pytest.raises(DataError, match=f"{name}.jpg is missing"):
+        check_split(locate_voc(voc), "val")
+
+
+def test_unreadable_image_is_one_clear_error(voc):
+    d = voc / "VOCdevkit" / "VOC2012"
+    name = (d / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
+    bad = d / "JPEGImages" / f"{name}.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    ds = open_split(locate_voc(voc), "val", eval_transforms(32), 21)
+    with pytest.raises(DataError, match=f"cannot read {bad}"):
+        ds[0]
+    # Through a DataLoader worker too, the message names the file.
+    with pytest.raises(DataError, match=f"cannot read {bad}"):
+        next(iter(eval_loader(ds, 2, workers=1)))
+
+
+def test_cli_reports_data_errors_without_traceback(voc, tmp_path):
+    d = voc / "VOCdevkit" / "VOC2012"
+    name = (d / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[0]
+    (d / "JPEGImages" / f"{name}.jpg").write_bytes(b"\x00" * 10)
+    r = segclip(["train", "--data", str(voc), *TINY, "--workers", "1", "--epochs", "1",
+                 "--batch-size", "2", "--out", str(tmp_path / "run")], tmp_path / "cache")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"cannot read {d / 'JPEGImages' / name}.jpg" in r.stderr
+    r = segclip(["train", "--data", str(tmp_path / "missing"), "--epochs", "1"], tmp_path / "cache")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"dataset folder not found: {tmp_path / 'missing'}" in r.stderr
+
+
+def test_mask_values_beyond_num_classes(voc):
+    ds = open_split(locate_voc(voc), "train", eval_transforms(32), num_classes=2)
+    with pytest.raises(DataError, match="num_classes is 2"):
+        for i in range(len(ds)):
+            ds[i]
+
+
+def test_train_transforms_keep_labels_and_pad_with_void():
+    torch.manual_seed(0)
+    from torchvision import tv_tensors
+
+    image = tv_tensors.Image(torch.full((3, 20, 30), 200, dtype=torch.uint8))
+    mask = torch.zeros((20, 30), dtype=torch.uint8)
+    mask[5:15, 10:20] = 3
+    mask[0, :] = VOID
+    t = train_transforms(40, scale=(0.5, 0.6))  # the image shrinks below the crop: padding
+    for _ in range(5):
+        img, m = t(image, tv_tensors.Mask(mask))
+        assert img.shape == (3, 40, 40) and img.dtype == torch.float32 and m.shape == (40, 40)
+        assert set(torch.unique(m).tolist()) <= {0, 3, VOID}  # nearest neighbour: no blended labels
+        padded = m == VOID
+        assert padded.any()
+        # padding is 0 in the image before normalisation: the normalised black pixel
+        black = (torch.zeros(3) - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+        assert torch.allclose(img[:, -1, -1], black, atol=1e-5) or torch.allclose(img[:, 0, 0], black, atol=1e-5)
+
+
+def test_augmentation_depends_only_on_seed_epoch_index(voc):
+    loc = locate_voc(voc)
+    ds = open_split(loc, "train", train_transforms(32), 21, seed=7)
+    a = ds[3]
+    torch.manual_seed(123)  # the process RNG does not matter
+    b = ds[3]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    state = torch.get_rng_state()
+    ds[3]
+    assert torch.equal(state, torch.get_rng_state())  # and is not consumed
+    ds.set_epoch(1)
+    c = ds[3]
+    assert not torch.equal(a[0], c[0])
+    assert sample_seed(7, 1, 3) != sample_seed(7, 0, 3) != sample_seed(8, 0, 3)
+
+
+def test_pad_collate_pads_images_with_zero_and_masks_with_void():
+    batch = [(torch.ones(3, 4, 5), torch.zeros(4, 5, dtype=torch.uint8)),
+             (torch.ones(3, 6, 3), torch.ones(6, 3, dtype=torch.uint8))]
+    images, masks = pad_collate(batch)
+    assert images.shape == (2, 3, 6, 5) and masks.shape == (2, 6, 5) and masks.dtype == torch.int64
+    assert images[0, :, 4:].abs().sum() == 0 and (masks[0, 4:] == VOID).all()
+    assert (masks[1, :, 3:] == VOID).all() and (masks[1, :, :3] == 1).all()
+
+
+def test_segmentation_set_reads_through_vocsegmentation(voc):
+    from torchvision.datasets import VOCSegmentation
+
+    ds = open_split(locate_voc(voc), "val", eval_transforms(32), 21)
+    assert isinstance(ds, SegmentationSet) and isinstance(ds.voc, VOCSegmentation)
+    _, mask = ds[0]
+    with Image.open(ds.voc.masks[0]) as m:
+        assert torch.equal(mask.to(torch.uint8), torch.from_numpy(np.array(m)))
