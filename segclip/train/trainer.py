@@ -157,7 +157,10 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     if args.weights:
         load_weights(model, args.weights, log=log)
     if args.sync_bn and info.enabled:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log(f"note: --sync-bn ignored: torch's SyncBatchNorm runs only on CUDA, this run is on {device.type}")
     model.to(device)
     if info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -1,0 +1,85 @@
+"""The command line: the four subcommands exist, through `python -m segclip` and the `segclip`
+console script, and --help documents every flag with its default."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from segclip.cli import COMMAND_MODULES, build_parser
+
+SUBCOMMANDS = ("train", "eval", "predict", "plot")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("no subcommands")
+
+
+def test_registered_next_to_the_other_commands():
+    assert "segclip.train.cli" in COMMAND_MODULES and "segclip.demo" in COMMAND_MODULES
+    assert set(SUBCOMMANDS) <= set(_subparsers(build_parser()))
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_documents_every_flag_with_its_default(command, capsys):
+    sub = _subparsers(build_parser())[command]
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    formatter = sub.formatter_class(prog="segclip")
+    n_flags = 0
+    for action in sub._actions:
+        if action.dest == "help":
+            continue
+        flag = action.option_strings[-1] if action.option_strings else action.dest
+        assert action.help, f"segclip {command} {flag} has no help text"
+        assert flag in text
+        if action.option_strings:
+            n_flags += 1
+            shown = formatter._get_help_string(action)
+            assert "%(default)s" in shown or shown.endswith("(required)"), f"{flag}: {shown!r}"
+            default = "(required)" if action.required else f"(default: {action.default})"
+            assert default in text, f"{flag}: {default} not in the help"
+    assert text.count("(default: ") + text.count("(required)") >= n_flags
+
+
+def test_train_help_mentions_key_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("--clip {fused,torch,none}", "(default: fused)", "--max-norm", "(default: 2.0)",
+                     "--model", "(default: lraspp_mobilenet_v3_large)", "--data", "(default: synthetic)",
+                     "--max-nonfinite", "(default: 20)", "--resume", "--amp", "--sync-bn", "torchrun"):
+        assert expected in text, expected
+
+
+def test_python_m_segclip_and_console_script():
+    r = subprocess.run([sys.executable, "-m", "segclip", "plot", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--percentile" in r.stdout
+    script = Path(sys.executable).parent / "segclip"
+    if not script.exists():
+        script = shutil.which("segclip")
+        if script is None:
+            pytest.skip("the segclip console script is not installed in this environment")
+    r = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--max-norm" in r.stdout
+
+
+def test_bad_values_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "--clip", "sometimes"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--norm-type", "two"])
+    assert "not a number" in capsys.readouterr().err
+    args = build_parser().parse_args(["train", "--norm-type", "inf", "--bn-momentum", "model"])
+    assert args.norm_type == float("inf") and args.bn_momentum is None

@@ -1,0 +1,66 @@
+"""segclip plot: the PNG charts exist and are PNGs; the max_norm suggestion is the documented
+percentile (checked against a value worked out by hand)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from segclip.cli import main
+from segclip.train.plots import suggest_max_norm
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHARTS = ("loss.png", "lr.png", "miou.png", "grad_norm.png", "grad_norm_hist.png", "timing.png")
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    """A run folder written by hand: 2 epochs of 50 steps, norms 1..100 (steps 1-10 are warmup)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"args": {"model": "m", "max_norm": 90.0, "clip": "fused",
+                                                         "norm_type": 2.0}, "warmup_iters": 10}))
+    with open(d / "steps.jsonl", "w") as f:
+        for s in range(1, 101):
+            f.write(json.dumps({"step": s, "epoch": (s - 1) // 50, "lr": 0.1 * (1 - s / 100), "loss": 3.0 / s,
+                                "grad_norm": float(s), "clipped": s > 90, "skipped": False, "t_data": 0.001,
+                                "t_forward": 0.01, "t_backward": 0.02, "t_clip": 0.001, "t_step": 0.002}) + "\n")
+        f.write('{"step": 101, "epo')  # a torn last line (killed writer) is ignored
+    with open(d / "epochs.jsonl", "w") as f:
+        for e in range(2):
+            f.write(json.dumps({"epoch": e, "train_loss": 0.5 / (e + 1), "val_miou": 0.3 + 0.2 * e,
+                                "val_pixel_accuracy": 0.8 + 0.05 * e}) + "\n")
+    return d
+
+
+def test_plot_writes_png_charts(run_dir, capsys):
+    assert main(["plot", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    for name in CHARTS:
+        path = run_dir / "plots" / name
+        assert path.is_file() and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000, name
+        assert str(path) in out
+    # Norms after warmup are 11..100 (90 values); numpy's linear 95th percentile of them is
+    # 11 + 0.95 * 89 = 95.55. The median is 55.5.
+    assert "suggested max_norm = 95.5" in out and "median 55.5" in out
+    assert "clipped 10.0% of steps" in out
+
+
+def test_suggestion_by_hand():
+    value, median, why = suggest_max_norm([float(v) for v in range(1, 101)], percentile=90, skip=0)
+    assert value == pytest.approx(1 + 0.9 * 99) and median == pytest.approx(50.5)
+    assert "90th percentile" in why
+    # Too few norms after warmup: all are used.
+    value, _, _ = suggest_max_norm([1.0, 2.0, 3.0, None, float("nan")], percentile=50, skip=2)
+    assert value == 2.0
+
+
+def test_plot_of_a_folder_without_logs_is_a_clear_error(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "steps.jsonl is missing or empty" in capsys.readouterr().err
+
+
+def test_plot_to_another_folder(run_dir, tmp_path):
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "charts"), "--percentile", "99"]) == 0
+    assert sorted(p.name for p in (tmp_path / "charts").iterdir()) == sorted(CHARTS)

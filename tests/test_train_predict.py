@@ -1,0 +1,74 @@
+"""segclip predict: VOC palette masks (void in VOC's void colour) and overlays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segclip.cli import main
+from segclip.train.checkpoint import atomic_save
+from segclip.train.models import build_model
+
+# VOC's colours as published with the dataset (not computed by the code under test).
+VOC_FIRST = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
+             (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128),
+             (192, 0, 128), (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0),
+             (128, 192, 0), (0, 64, 128)]
+VOC_VOID = (224, 224, 192)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 21)
+    path = tmp_path_factory.mktemp("ck") / "best.pt"
+    atomic_save({"format": "segclip-train-checkpoint", "model_name": "lraspp_mobilenet_v3_large",
+                 "num_classes": 21, "eval_size": 32, "model": model.state_dict(), "args": {}}, path)
+    return path
+
+
+@pytest.fixture()
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(folder / "a.jpg")
+    Image.fromarray(rng.integers(0, 255, (25, 25, 3), dtype=np.uint8)).save(folder / "b.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_masks_are_voc_palette_pngs_and_overlays_exist(checkpoint, images, tmp_path):
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(images), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png", "b.png", "b_overlay.png"]
+    for name, size in (("a", (40, 30)), ("b", (25, 25))):
+        with Image.open(out / f"{name}.png") as m:
+            assert m.format == "PNG" and m.mode == "P" and m.size == size
+            pal = m.getpalette()
+            assert [tuple(pal[3 * i:3 * i + 3]) for i in range(21)] == VOC_FIRST
+            assert tuple(pal[3 * 255:3 * 256]) == VOC_VOID
+            assert np.array(m).max() < 21
+        with Image.open(out / f"{name}_overlay.png") as o:
+            assert o.mode == "RGB" and o.size == size
+
+
+def test_low_confidence_pixels_are_void_in_the_void_colour(checkpoint, images, tmp_path):
+    out = tmp_path / "out"
+    # No 21-class softmax reaches 1.01: every pixel is void.
+    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(images / "a.jpg"),
+                 "--out", str(out), "--void-below", "1.01", "--size", "0", "--device", "cpu"]) == 0
+    with Image.open(out / "a.png") as m:
+        assert (np.array(m) == 255).all()
+        assert set(map(tuple, np.array(m.convert("RGB")).reshape(-1, 3).tolist())) == {VOC_VOID}
+    with Image.open(out / "a_overlay.png") as o, Image.open(images / "a.jpg") as src:
+        assert np.array_equal(np.array(o), np.array(src.convert("RGB")))  # void is left clear
+
+
+def test_missing_images_are_one_clear_error(checkpoint, tmp_path, capsys):
+    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(tmp_path / "nope.jpg"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert f"image not found: {tmp_path / 'nope.jpg'}" in capsys.readouterr().err
