@@ -29,7 +29,7 @@ $(VENV)/.deps:
 # Builds the extensions in place (ninja rebuilds only what changed) and installs the package
 # (console script `segclip`) in editable mode.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pip install -q --no-build-isolation --no-deps --config-settings editable_mode=compat -e .
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
