@@ -275,3 +275,20 @@ def test_explicit_backend_that_is_not_built_says_why(monkeypatch):
 
 def test_clip_grad_norm_alias():
     assert segclip.clip_grad_norm_ is segclip.fused_clip_
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a visible CUDA GPU")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_mixed_devices_give_one_global_norm(backend):
+    cpu_params, cpu_g = make_params([(1000,), (33, 3)])
+    gpu_params, gpu_g = make_params([(5000,), (7, 7)], torch.bfloat16)
+    for p in gpu_params:
+        p.grad = p.grad.cuda()
+    ref = oracle_norm(cpu_g + gpu_g, 2.0)
+    total = segclip.fused_clip_(cpu_params + gpu_params, ref / 3, backend=backend)
+    assert total.device.type == "cpu"  # the first gradient's device
+    assert_norm_close(total, ref, 1e-3)
+    coef = oracle_coef(ref, ref / 3)
+    for p, g in zip(cpu_params + gpu_params, cpu_g + gpu_g):
+        assert_clipped_close(p.grad.cpu(), g, coef, 1e-3)
