@@ -1,0 +1,207 @@
+// segclip's multi-tensor apply: runs one kernel over the chunks of a list of tensors in as few
+// launches as possible. The host half (table sizes, TensorListMeta, multi_tensor_apply) is plain C++
+// and is also included by host-only files (csrc/cuda/module.cpp reads the sizes); the device half
+// (block_chunk, Pack, the dtype traits) is compiled by nvcc only.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define SEGCLIP_HOST_DEVICE __host__ __device__
+#else
+#define SEGCLIP_HOST_DEVICE
+#endif
+
+namespace segclip {
+namespace cuda {
+
+// NOTE: [CUDA chunking and launches]
+// Every tensor is cut into chunks of kChunkElems elements (its last chunk may be shorter); one
+// thread block processes one chunk of one tensor. A launch describes its work in a TensorListMeta
+// passed by value as the kernel argument (no host-to-device copy, nothing to keep alive, and a CUDA
+// graph captures it with the kernel node):
+//   * a tensor table of up to kMaxTensors entries (address, element count, dtype, first block), and
+//   * a block table of up to kMaxBlocks entries: blockIdx.x -> tensor table index. A block's chunk
+//     within its tensor is blockIdx.x - first_block[tensor], so the block table needs one byte.
+// The host walks the list in order and adds each tensor's chunks; when either table is full the
+// launch goes out and a new one starts. A tensor whose chunks do not all fit is cut at a chunk
+// boundary: its entry in the next launch starts at the first chunk not yet launched (the address is
+// advanced, the element count reduced), so every chunk is launched exactly once.
+// Zero-element tensors have no chunk and take no table entry, wherever they sit in the list; the
+// last launch goes out after the loop whenever it holds any block, so an empty tensor at the end
+// never drops the final launch. Addresses, element counts and offsets are 64-bit throughout
+// (a tensor of more than 2^31 elements works); only indices inside one chunk are 32-bit.
+// Blocks are numbered across launches in list order (launch k's first block is the number of
+// blocks launched before it): the norm writes block b's partial to slot b; see note:
+// [last-block reduction].
+constexpr int64_t kChunkElems = int64_t{1} << 16;  // elements per chunk (a multiple of every vector width)
+constexpr int kMaxTensors = 128;                   // tensor table entries per launch (block table holds uint8)
+constexpr int kMaxBlocks = 1280;                   // block table entries (= blocks) per launch
+constexpr int kBlockThreads = 512;                 // threads per block
+constexpr int kILP = 4;                            // independent 16-byte loads (and accumulators) per thread
+constexpr int kVecBytes = 16;                      // bytes per vectorised load/store
+
+// The element types the kernels take; the values are what the device code switches on.
+enum class DType : uint8_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+
+SEGCLIP_HOST_DEVICE inline int64_t elem_size(DType d) {
+  switch (d) {
+    case DType::kHalf:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat: return 4;
+    case DType::kDouble: return 8;
+  }
+  return 0;
+}
+
+// One dense tensor as the apply sees it: numel elements of dtype, flat in memory from ptr.
+struct TensorPiece {
+  void* ptr;
+  int64_t numel;
+  DType dtype;
+};
+
+struct TensorListMeta {
+  void* ptr[kMaxTensors];             // address of the entry's first chunk in this launch
+  int64_t numel[kMaxTensors];         // elements from ptr to the tensor's end
+  uint16_t first_block[kMaxTensors];  // block processing the entry's first chunk
+  DType dtype[kMaxTensors];
+  uint8_t block_tensor[kMaxBlocks];   // block -> tensor table index
+};
+
+static_assert(kMaxTensors <= 256, "block_tensor holds a tensor index in one byte");
+static_assert(kMaxBlocks <= 65535, "first_block holds a block index in 16 bits");
+static_assert(kChunkElems % (kVecBytes / 2) == 0, "a chunk keeps every vector width's alignment");
+static_assert(kChunkElems <= (int64_t{1} << 30), "in-chunk indices are 32-bit");
+// Kernel parameters are limited to 4 KiB (before CUDA 12.1 / Volta); the kernels' other arguments
+// fit in kMaxExtraParamBytes.
+constexpr int kMaxExtraParamBytes = 128;
+static_assert(sizeof(TensorListMeta) + kMaxExtraParamBytes <= 4096, "kernel arguments exceed 4 KiB");
+
+inline int64_t num_chunks(int64_t numel) { return (numel + kChunkElems - 1) / kChunkElems; }
+
+// Blocks (= chunks) over all launches of multi_tensor_apply(pieces, ...).
+inline int64_t count_blocks(const std::vector<TensorPiece>& pieces) {
+  int64_t blocks = 0;
+  for (const TensorPiece& p : pieces) blocks += num_chunks(p.numel);
+  return blocks;
+}
+
+// Calls launch(meta, n_blocks, first_block) once per launch, in list order, where first_block is the
+// number of blocks in earlier launches. See note: [CUDA chunking and launches].
+template <typename Launch>
+void multi_tensor_apply(const std::vector<TensorPiece>& pieces, Launch&& launch) {
+  TensorListMeta meta{};
+  int n_tensors = 0;
+  int n_blocks = 0;
+  int64_t first_block = 0;
+  auto flush = [&] {
+    launch(meta, n_blocks, first_block);
+    first_block += n_blocks;
+    n_tensors = 0;
+    n_blocks = 0;
+  };
+  for (const TensorPiece& piece : pieces) {
+    const int64_t chunks = num_chunks(piece.numel);  // 0 for an empty tensor: no entry at all
+    for (int64_t done = 0; done < chunks;) {
+      if (n_tensors == kMaxTensors || n_blocks == kMaxBlocks) flush();  // a table is full
+      const int64_t take = std::min<int64_t>(chunks - done, kMaxBlocks - n_blocks);
+      const int64_t offset = done * kChunkElems;  // elements already launched
+      meta.ptr[n_tensors] = static_cast<char*>(piece.ptr) + offset * elem_size(piece.dtype);
+      meta.numel[n_tensors] = piece.numel - offset;
+      meta.first_block[n_tensors] = static_cast<uint16_t>(n_blocks);
+      meta.dtype[n_tensors] = piece.dtype;
+      for (int64_t b = 0; b < take; ++b) meta.block_tensor[n_blocks++] = static_cast<uint8_t>(n_tensors);
+      ++n_tensors;
+      done += take;
+    }
+  }
+  if (n_blocks > 0) flush();  // after the loop: trailing empty tensors cannot drop it
+}
+
+#if defined(__CUDACC__)
+
+// The chunk of the calling block.
+struct BlockChunk {
+  void* ptr;  // first element of the chunk
+  int len;    // elements in the chunk, 1..kChunkElems
+  DType dtype;
+};
+
+// Reads the kernel argument directly (forced inline: `meta` must stay in parameter space, not be
+// copied to local memory).
+__device__ __forceinline__ BlockChunk block_chunk(const TensorListMeta& meta) {
+  const int t = meta.block_tensor[blockIdx.x];
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) - meta.first_block[t];
+  const int64_t offset = chunk * kChunkElems;
+  const DType dtype = meta.dtype[t];
+  BlockChunk c;
+  c.ptr = static_cast<char*>(meta.ptr[t]) + offset * elem_size(dtype);
+  const int64_t left = meta.numel[t] - offset;
+  c.len = static_cast<int>(left < kChunkElems ? left : kChunkElems);
+  c.dtype = dtype;
+  return c;
+}
+
+// 16 bytes of elements, loaded and stored as one vector.
+template <typename S>
+struct alignas(kVecBytes) Pack {
+  static constexpr int kSize = kVecBytes / static_cast<int>(sizeof(S));
+  S v[kSize];
+};
+
+// Element traits: storage type, the type arithmetic happens in (op-math), and the conversions.
+// Half and bfloat16 are handled as raw 16-bit words (no c10 types in device code).
+struct HalfT {
+  using storage = uint16_t;
+  using acc = float;
+  static __device__ __forceinline__ float load(uint16_t u) { return __half2float(__ushort_as_half(u)); }
+  static __device__ __forceinline__ uint16_t store(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+struct BFloat16T {
+  using storage = uint16_t;
+  using acc = float;
+  static __device__ __forceinline__ float load(uint16_t u) { return __bfloat162float(__ushort_as_bfloat16(u)); }
+  static __device__ __forceinline__ uint16_t store(float f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+};
+struct FloatT {
+  using storage = float;
+  using acc = float;
+  static __device__ __forceinline__ float load(float x) { return x; }
+  static __device__ __forceinline__ float store(float x) { return x; }
+};
+struct DoubleT {
+  using storage = double;
+  using acc = double;
+  static __device__ __forceinline__ double load(double x) { return x; }
+  static __device__ __forceinline__ double store(double x) { return x; }
+};
+
+// Where a chunk's 16-byte-aligned part starts: elements before it (the head) and whole vectors in it.
+// Every chunk of a tensor has the same alignment as the tensor's data pointer (see the
+// static_assert on kChunkElems), so a misaligned view (x[1:]) only costs a few scalar head elements.
+template <typename S>
+struct VecSplit {
+  int head;   // scalar elements before the first aligned address (< Pack<S>::kSize)
+  int nvec;   // whole 16-byte vectors after the head
+  int tail;   // first element (relative to the chunk) after the vectors
+  __device__ __forceinline__ VecSplit(const S* p, int len) {
+    const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(p) % kVecBytes);
+    int h = misalign == 0 ? 0 : (kVecBytes - misalign) / static_cast<int>(sizeof(S));
+    if (misalign % static_cast<int>(sizeof(S)) != 0) h = len;  // not even element-aligned: all scalar
+    head = h < len ? h : len;
+    nvec = (len - head) / Pack<S>::kSize;
+    tail = head + nvec * Pack<S>::kSize;
+  }
+};
+
+#endif  // __CUDACC__
+
+}  // namespace cuda
+}  // namespace segclip
