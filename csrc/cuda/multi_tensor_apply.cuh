@@ -9,11 +9,14 @@
 #include <vector>
 
 #if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#define SEGCLIP_HOST_DEVICE __host__ __device__
+#define SEGCLIP_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define SEGCLIP_HOST_DEVICE
+#define SEGCLIP_HOST_DEVICE inline
+#endif
+#if defined(__CUDA_ARCH__)  // host compilers do not know the pragma (-Wunknown-pragmas)
+#define SEGCLIP_UNROLL _Pragma("unroll")
+#else
+#define SEGCLIP_UNROLL
 #endif
 
 namespace segclip {
@@ -48,7 +51,7 @@ constexpr int kVecBytes = 16;                      // bytes per vectorised load/
 // The element types the kernels take; the values are what the device code switches on.
 enum class DType : uint8_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
-SEGCLIP_HOST_DEVICE inline int64_t elem_size(DType d) {
+SEGCLIP_HOST_DEVICE int64_t elem_size(DType d) {
   switch (d) {
     case DType::kHalf:
     case DType::kBFloat16: return 2;
@@ -123,29 +126,45 @@ void multi_tensor_apply(const std::vector<TensorPiece>& pieces, Launch&& launch)
   if (n_blocks > 0) flush();  // after the loop: trailing empty tensors cannot drop it
 }
 
-#if defined(__CUDACC__)
-
-// The chunk of the calling block.
+// The chunk of block `block` of a launch (blockIdx.x in the kernels; host and device code, so the
+// chunking can be tested without a GPU: tests/cuda_host_logic.cpp).
+// Forced inline: `meta` is the kernel argument and must stay in parameter space, not be copied to
+// local memory.
 struct BlockChunk {
   void* ptr;  // first element of the chunk
   int len;    // elements in the chunk, 1..kChunkElems
   DType dtype;
 };
 
-// Reads the kernel argument directly (forced inline: `meta` must stay in parameter space, not be
-// copied to local memory).
-__device__ __forceinline__ BlockChunk block_chunk(const TensorListMeta& meta) {
-  const int t = meta.block_tensor[blockIdx.x];
-  const int64_t chunk = static_cast<int64_t>(blockIdx.x) - meta.first_block[t];
-  const int64_t offset = chunk * kChunkElems;
+SEGCLIP_HOST_DEVICE BlockChunk block_chunk(const TensorListMeta& meta, int64_t block) {
+  const int t = meta.block_tensor[block];
+  const int64_t offset = (block - meta.first_block[t]) * kChunkElems;
   const DType dtype = meta.dtype[t];
+  const int64_t left = meta.numel[t] - offset;
   BlockChunk c;
   c.ptr = static_cast<char*>(meta.ptr[t]) + offset * elem_size(dtype);
-  const int64_t left = meta.numel[t] - offset;
   c.len = static_cast<int>(left < kChunkElems ? left : kChunkElems);
   c.dtype = dtype;
   return c;
 }
+
+// How a chunk splits into a scalar head (elements before the first 16-byte-aligned address), whole
+// 16-byte vectors, and a scalar tail. Every chunk of a tensor has the alignment of the tensor's data
+// pointer (kChunkElems is a multiple of every vector width), so a misaligned view (x[1:]) costs only
+// a few scalar elements per chunk and the rest stays vectorised.
+struct VecSplit {
+  int head;  // scalar elements first (< elements per vector)
+  int nvec;  // whole vectors after the head
+  int tail;  // index (from the chunk's start) of the first element after the vectors
+  SEGCLIP_HOST_DEVICE VecSplit(const void* p, int elem_bytes, int len) {
+    const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(p) % kVecBytes);
+    int h = misalign == 0 ? 0 : (kVecBytes - misalign) / elem_bytes;
+    if (misalign % elem_bytes != 0) h = len;  // not even element-aligned: all scalar
+    head = h < len ? h : len;
+    nvec = (len - head) / (kVecBytes / elem_bytes);
+    tail = head + nvec * (kVecBytes / elem_bytes);
+  }
+};
 
 // 16 bytes of elements, loaded and stored as one vector.
 template <typename S>
@@ -154,54 +173,6 @@ struct alignas(kVecBytes) Pack {
   S v[kSize];
 };
 
-// Element traits: storage type, the type arithmetic happens in (op-math), and the conversions.
-// Half and bfloat16 are handled as raw 16-bit words (no c10 types in device code).
-struct HalfT {
-  using storage = uint16_t;
-  using acc = float;
-  static __device__ __forceinline__ float load(uint16_t u) { return __half2float(__ushort_as_half(u)); }
-  static __device__ __forceinline__ uint16_t store(float f) { return __half_as_ushort(__float2half_rn(f)); }
-};
-struct BFloat16T {
-  using storage = uint16_t;
-  using acc = float;
-  static __device__ __forceinline__ float load(uint16_t u) { return __bfloat162float(__ushort_as_bfloat16(u)); }
-  static __device__ __forceinline__ uint16_t store(float f) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-  }
-};
-struct FloatT {
-  using storage = float;
-  using acc = float;
-  static __device__ __forceinline__ float load(float x) { return x; }
-  static __device__ __forceinline__ float store(float x) { return x; }
-};
-struct DoubleT {
-  using storage = double;
-  using acc = double;
-  static __device__ __forceinline__ double load(double x) { return x; }
-  static __device__ __forceinline__ double store(double x) { return x; }
-};
-
-// Where a chunk's 16-byte-aligned part starts: elements before it (the head) and whole vectors in it.
-// Every chunk of a tensor has the same alignment as the tensor's data pointer (see the
-// static_assert on kChunkElems), so a misaligned view (x[1:]) only costs a few scalar head elements.
-template <typename S>
-struct VecSplit {
-  int head;   // scalar elements before the first aligned address (< Pack<S>::kSize)
-  int nvec;   // whole 16-byte vectors after the head
-  int tail;   // first element (relative to the chunk) after the vectors
-  __device__ __forceinline__ VecSplit(const S* p, int len) {
-    const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(p) % kVecBytes);
-    int h = misalign == 0 ? 0 : (kVecBytes - misalign) / static_cast<int>(sizeof(S));
-    if (misalign % static_cast<int>(sizeof(S)) != 0) h = len;  // not even element-aligned: all scalar
-    head = h < len ? h : len;
-    nvec = (len - head) / Pack<S>::kSize;
-    tail = head + nvec * Pack<S>::kSize;
-  }
-};
-
-#endif  // __CUDACC__
 
 }  // namespace cuda
 }  // namespace segclip

@@ -5,6 +5,7 @@
 // Compile time: four kernels (three norm types + scale), each switching on the element type at run
 // time (one dtype per block, so the branch is uniform) instead of one template instance per dtype.
 #include "multi_tensor_kernels.h"
+#include "multi_tensor_math.cuh"
 
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
@@ -18,7 +19,6 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kWarps = kBlockThreads / kWarpSize;
 static_assert(kBlockThreads % kWarpSize == 0 && kWarps <= kWarpSize, "block_reduce's second stage is one warp");
-static_assert(kILP == 4, "thread_partial combines four accumulators");
 // Caps registers at 65536 / (3 * 512) = 42 per thread. Without it ptxas aims at 32 on sm_90 and
 // spills in scale_kernel; 3 resident blocks (1536 threads, 48 KiB of 16-byte loads in flight per
 // SM) are plenty for a memory-bound kernel.
@@ -34,28 +34,6 @@ constexpr int kMinBlocksPerSm = 3;
 //     order (see note: [last-block reduction]). Which block is last varies from run to run, but it
 //     does the same arithmetic in the same order.
 // There are no floating-point atomics anywhere (the only atomic counts blocks).
-
-// Combines two partial results: sums for the 1- and 2-norm, a NaN-propagating max for the inf-norm
-// (fmax would drop a NaN; torch's inf-norm of a tensor holding NaN is NaN).
-template <NormKind K, typename T>
-__device__ __forceinline__ T combine(T a, T b) {
-  if constexpr (K == NormKind::kLinf) {
-    return (b > a || b != b) ? b : a;
-  } else {
-    return a + b;
-  }
-}
-
-// acc + |x|^p (p = 1, 2), or max(acc, |x|) for the inf-norm.
-template <NormKind K, typename T>
-__device__ __forceinline__ T accumulate(T acc, T x) {
-  if constexpr (K == NormKind::kL2) {
-    return fma(x, x, acc);
-  } else {
-    const T a = fabs(x);
-    return K == NormKind::kL1 ? acc + a : combine<K>(acc, a);
-  }
-}
 
 // Combines one value per thread; the result is valid in thread 0 only. Every thread of the block
 // must call it (it synchronises). Two calls with the same T need a __syncthreads() between them.
@@ -80,57 +58,17 @@ __device__ __forceinline__ T block_reduce(T v) {
   return v;
 }
 
-// This thread's share of a chunk's partial, accumulated in the op-math type (float for
-// half/bfloat16/float, double for double) in kILP independent accumulators, one per load in flight.
-template <NormKind K, typename Tr>
-__device__ __forceinline__ typename Tr::acc thread_partial(const void* ptr, int len) {
-  using S = typename Tr::storage;
-  using A = typename Tr::acc;
-  using P = Pack<S>;
-  const S* p = static_cast<const S*>(ptr);
-  const VecSplit<S> split(p, len);
-  const int tid = threadIdx.x;
-  A acc[kILP];
-#pragma unroll
-  for (int k = 0; k < kILP; ++k) acc[k] = A(0);
-
-  if (tid < split.head) acc[0] = accumulate<K>(acc[0], Tr::load(p[tid]));
-  const P* vp = reinterpret_cast<const P*>(p + split.head);
-  int i = tid;
-  for (; i + (kILP - 1) * kBlockThreads < split.nvec; i += kILP * kBlockThreads) {  // kILP loads in flight
-    P v[kILP];
-#pragma unroll
-    for (int k = 0; k < kILP; ++k) v[k] = vp[i + k * kBlockThreads];
-#pragma unroll
-    for (int k = 0; k < kILP; ++k) {
-#pragma unroll
-      for (int e = 0; e < P::kSize; ++e) acc[k] = accumulate<K>(acc[k], Tr::load(v[k].v[e]));
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < kILP; ++k) {  // the last, partial round
-    const int j = i + k * kBlockThreads;
-    if (j < split.nvec) {
-      const P v = vp[j];
-#pragma unroll
-      for (int e = 0; e < P::kSize; ++e) acc[k] = accumulate<K>(acc[k], Tr::load(v.v[e]));
-    }
-  }
-  if (split.tail + tid < len) acc[1] = accumulate<K>(acc[1], Tr::load(p[split.tail + tid]));
-  return combine<K>(combine<K>(acc[0], acc[1]), combine<K>(acc[2], acc[3]));
-}
-
 // The calling block's partial: its chunk's sum of |x|^p, or max |x|. Valid in thread 0.
 template <NormKind K>
 __device__ __forceinline__ double block_partial(const TensorListMeta& meta) {
-  const BlockChunk c = block_chunk(meta);
+  const BlockChunk c = block_chunk(meta, blockIdx.x);
   switch (c.dtype) {  // uniform across the block
-    case DType::kHalf: return block_reduce<K>(thread_partial<K, HalfT>(c.ptr, c.len));
-    case DType::kBFloat16: return block_reduce<K>(thread_partial<K, BFloat16T>(c.ptr, c.len));
-    case DType::kFloat: return block_reduce<K>(thread_partial<K, FloatT>(c.ptr, c.len));
+    case DType::kHalf: return block_reduce<K>(thread_partial<K, HalfT>(c.ptr, c.len, threadIdx.x));
+    case DType::kBFloat16: return block_reduce<K>(thread_partial<K, BFloat16T>(c.ptr, c.len, threadIdx.x));
+    case DType::kFloat: return block_reduce<K>(thread_partial<K, FloatT>(c.ptr, c.len, threadIdx.x));
     case DType::kDouble: break;
   }
-  return block_reduce<K>(thread_partial<K, DoubleT>(c.ptr, c.len));
+  return block_reduce<K>(thread_partial<K, DoubleT>(c.ptr, c.len, threadIdx.x));
 }
 
 struct NormParams {
@@ -144,13 +82,6 @@ struct NormParams {
   bool out_double;
 };
 static_assert(sizeof(NormParams) <= kMaxExtraParamBytes, "see kMaxExtraParamBytes");
-
-// min(1, max_norm / (norm + 1e-6)) in the norm's dtype, as the CPU kernel; NaN stays NaN (torch.clamp).
-template <typename T>
-__device__ __forceinline__ T clip_coefficient(T norm, T max_norm) {
-  const T coef = max_norm / (norm + T(1e-6));
-  return coef != coef ? coef : (coef < T(1) ? coef : T(1));
-}
 
 // Run by the last block only: combines all slots in a fixed order, writes norm and coefficient.
 template <NormKind K>
@@ -215,41 +146,6 @@ __device__ __forceinline__ double load_coef(const void* coef, DType dtype) {
   return *static_cast<const double*>(coef);
 }
 
-// x = round(x * c), the product in the op-math type A (rounded once to the storage type).
-template <typename Tr>
-__device__ __forceinline__ void scale_chunk(void* ptr, int len, typename Tr::acc c) {
-  using S = typename Tr::storage;
-  using P = Pack<S>;
-  S* p = static_cast<S*>(ptr);
-  const VecSplit<S> split(p, len);
-  const int tid = threadIdx.x;
-  if (tid < split.head) p[tid] = Tr::store(Tr::load(p[tid]) * c);
-  P* vp = reinterpret_cast<P*>(p + split.head);
-  int i = tid;
-  for (; i + (kILP - 1) * kBlockThreads < split.nvec; i += kILP * kBlockThreads) {
-    P v[kILP];
-#pragma unroll
-    for (int k = 0; k < kILP; ++k) v[k] = vp[i + k * kBlockThreads];
-#pragma unroll
-    for (int k = 0; k < kILP; ++k) {
-#pragma unroll
-      for (int e = 0; e < P::kSize; ++e) v[k].v[e] = Tr::store(Tr::load(v[k].v[e]) * c);
-      vp[i + k * kBlockThreads] = v[k];
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < kILP; ++k) {
-    const int j = i + k * kBlockThreads;
-    if (j < split.nvec) {
-      P v = vp[j];
-#pragma unroll
-      for (int e = 0; e < P::kSize; ++e) v.v[e] = Tr::store(Tr::load(v.v[e]) * c);
-      vp[j] = v;
-    }
-  }
-  if (split.tail + tid < len) p[split.tail + tid] = Tr::store(Tr::load(p[split.tail + tid]) * c);
-}
-
 // NOTE: [scale: nothing to clip]
 // The coefficient is read from device memory by every block (it is usually the output of the norm
 // op just queued, so its value is unknown on the host). A block whose coefficient is >= 1 returns
@@ -261,12 +157,12 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) scale_kernel(c
                                                               DType coef_dtype) {
   const double c = load_coef(coef, coef_dtype);
   if (c >= 1.0) return;
-  const BlockChunk ch = block_chunk(meta);
+  const BlockChunk ch = block_chunk(meta, blockIdx.x);
   switch (ch.dtype) {
-    case DType::kHalf: scale_chunk<HalfT>(ch.ptr, ch.len, static_cast<float>(c)); return;
-    case DType::kBFloat16: scale_chunk<BFloat16T>(ch.ptr, ch.len, static_cast<float>(c)); return;
-    case DType::kFloat: scale_chunk<FloatT>(ch.ptr, ch.len, static_cast<float>(c)); return;
-    case DType::kDouble: scale_chunk<DoubleT>(ch.ptr, ch.len, c); return;
+    case DType::kHalf: scale_chunk<HalfT>(ch.ptr, ch.len, static_cast<float>(c), threadIdx.x); return;
+    case DType::kBFloat16: scale_chunk<BFloat16T>(ch.ptr, ch.len, static_cast<float>(c), threadIdx.x); return;
+    case DType::kFloat: scale_chunk<FloatT>(ch.ptr, ch.len, static_cast<float>(c), threadIdx.x); return;
+    case DType::kDouble: scale_chunk<DoubleT>(ch.ptr, ch.len, c, threadIdx.x); return;
   }
 }
 
