@@ -6,6 +6,7 @@
 // captured in a CUDA graph: outputs and scratch come from the caching allocator, work goes to the
 // current stream.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -57,7 +58,8 @@ at::Device check_tensors(at::TensorList tensors, const char* op, std::optional<a
         ref_name = "tensors[" + std::to_string(i) + "]";
       }
     }
-    TORCH_CHECK(expected.has_value(), op, ": the CUDA kernel got no CUDA tensor");
+    TORCH_CHECK(expected.has_value(), op, ": the CUDA kernel got no CUDA tensor (tensors[0] is on ",
+                tensors[0].device(), ")");
   }
   const at::Device device = *expected;
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -77,11 +79,14 @@ at::Device check_tensors(at::TensorList tensors, const char* op, std::optional<a
 // A tensor with gaps or overlaps in memory (x[:, ::2], an expanded view) cannot be processed as a
 // flat array. The norm reads a packed copy (t.contiguous(), queued on the current stream; the
 // caching allocator keeps its memory from being reused before the kernel has read it). The scale
-// runs t.mul_(coef) on the original tensor, in place, after the fused pass: no copy is scaled and
-// thrown away, and ATen raises its usual error for a view with internal overlap. Two differences
-// from the fused kernel, both ATen's behaviour for mul_ with a 0-dim CUDA tensor: the coefficient
-// is rounded to the tensor's dtype before the multiply (only matters for float16/bfloat16), and the
-// tensor is written even when coef >= 1 (with unchanged values: x * 1 == x).
+// runs t.mul_(min(coef, 1)) on the original tensor, in place, after the fused pass: no copy is
+// scaled and thrown away. The min (clamp_max, which keeps NaN) makes coef >= 1 a multiplication by
+// exactly 1, as the fused kernel's "nothing to clip". A view with internal overlap (expanded) is
+// refused before anything is queued (mul_ would refuse it after the fused pass had written).
+// Two differences from the fused kernel remain, both ATen's behaviour for mul_ with a 0-dim CUDA
+// tensor: the coefficient is rounded to the tensor's dtype before the multiply (only matters for
+// float16/bfloat16: up to 2^-9 relative), and the tensor is written even when coef >= 1 (with the
+// same values; a NaN may come back with another payload).
 std::tuple<at::Tensor, at::Tensor> norm_impl(at::TensorList tensors, double norm_type,
                                              std::optional<double> max_norm, const char* op) {
   TORCH_CHECK(!tensors.empty(), op, ": expected a non-empty list of tensors");
@@ -151,9 +156,17 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
       strided.push_back(t);
     }
   }
+  for (size_t i = 0; i < tensors.size(); ++i) {  // before anything is written
+    if (!tensors[i].numel() || is_flat(tensors[i])) continue;
+    TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, op, ": tensors[", i,
+                "] has internally overlapping memory (an expanded view?); it cannot be scaled in place");
+  }
   launch_multi_tensor_scale(pieces, c.const_data_ptr(), *to_dtype(c.scalar_type()),
                             c10::cuda::getCurrentCUDAStream(device.index()));
-  for (at::Tensor& t : strided) t.mul_(c);
+  if (!strided.empty()) {  // see note: [CUDA non-dense tensors]
+    const at::Tensor at_most_one = at::clamp_max(c, 1.0);
+    for (at::Tensor& t : strided) t.mul_(at_most_one);
+  }
 }
 
 }  // namespace
