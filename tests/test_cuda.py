@@ -101,8 +101,8 @@ def gpu_test(fn):
 
 ops = torch.ops.segclip
 CHUNK = C_cuda.CHUNK_ELEMS if C_cuda else 1 << 16
-MAX_TENSORS = C_cuda.MAX_TENSORS_PER_LAUNCH if C_cuda else 128
-MAX_BLOCKS = C_cuda.MAX_BLOCKS_PER_LAUNCH if C_cuda else 1280
+MAX_TENSORS = C_cuda.MAX_TENSORS_PER_LAUNCH if C_cuda else 100
+MAX_BLOCKS = C_cuda.MAX_BLOCKS_PER_LAUNCH if C_cuda else 2048
 
 
 def _fakes_registered() -> bool:

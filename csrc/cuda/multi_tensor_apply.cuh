@@ -38,12 +38,16 @@ namespace cuda {
 // last launch goes out after the loop whenever it holds any block, so an empty tensor at the end
 // never drops the final launch. Addresses, element counts and offsets are 64-bit throughout
 // (a tensor of more than 2^31 elements works); only indices inside one chunk are 32-bit.
+// Table sizes: 19 bytes per tensor entry, 1 per block entry, within the 4 KiB of kernel arguments.
+// 100 tensors keep a model of up to 200 parameter tensors (the torchvision segmentation models,
+// BERT-base) at two launches per op; 2048 blocks (512 MiB of float32 per launch) keep large lists at
+// few launches (2 GiB: 4), since every launch boundary drains and refills the GPU.
 // Blocks are numbered across launches in list order (launch k's first block is the number of
 // blocks launched before it): the norm writes block b's partial to slot b; see note:
 // [last-block reduction].
 constexpr int64_t kChunkElems = int64_t{1} << 16;  // elements per chunk (a multiple of every vector width)
-constexpr int kMaxTensors = 128;                   // tensor table entries per launch (block table holds uint8)
-constexpr int kMaxBlocks = 1280;                   // block table entries (= blocks) per launch
+constexpr int kMaxTensors = 100;                   // tensor table entries per launch (block table holds uint8)
+constexpr int kMaxBlocks = 2048;                   // block table entries (= blocks) per launch
 constexpr int kBlockThreads = 512;                 // threads per block
 constexpr int kILP = 4;                            // independent 16-byte loads (and accumulators) per thread
 constexpr int kVecBytes = 16;                      // bytes per vectorised load/store

@@ -19,10 +19,12 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kWarps = kBlockThreads / kWarpSize;
 static_assert(kBlockThreads % kWarpSize == 0 && kWarps <= kWarpSize, "block_reduce's second stage is one warp");
-// Caps registers at 65536 / (3 * 512) = 42 per thread. Without it ptxas aims at 32 on sm_90 and
-// spills in scale_kernel; 3 resident blocks (1536 threads, 48 KiB of 16-byte loads in flight per
-// SM) are plenty for a memory-bound kernel.
-constexpr int kMinBlocksPerSm = 3;
+// Minimum resident blocks per SM, i.e. register caps (65536 / (n * 512) per thread). Without one,
+// ptxas aims at 32 registers on sm_90 and spills in scale_kernel; with 3 (cap 40) the norm kernels
+// spill on sm_80. 2 blocks (1024 threads, 32 KiB of 16-byte loads in flight per SM) are plenty for
+// a memory-bound kernel. `-Xptxas -v`: 0 bytes spilled everywhere.
+constexpr int kNormMinBlocksPerSm = 2;
+constexpr int kScaleMinBlocksPerSm = 3;
 
 // NOTE: [CUDA determinism]
 // The norm is bitwise identical on every call with the same inputs:
@@ -119,7 +121,7 @@ __device__ __forceinline__ void finalize(const NormParams& p) {
 // streams cannot interfere, and both are capturable in a CUDA graph (memset node + kernel nodes).
 // When the list holds no element at all, one block runs finalize alone (norm 0).
 template <NormKind K>
-__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) norm_kernel(const TensorListMeta meta, const NormParams p) {
+__global__ void __launch_bounds__(kBlockThreads, kNormMinBlocksPerSm) norm_kernel(const TensorListMeta meta, const NormParams p) {
   if (p.total_blocks > 0) {
     __shared__ bool is_last;
     const double partial = block_partial<K>(meta);
@@ -153,7 +155,7 @@ __device__ __forceinline__ double load_coef(const void* coef, DType dtype) {
 // launch costs a few microseconds. NaN is not >= 1, so a NaN coefficient scales (to NaN), as torch.
 // The coefficient is read exactly (as double); tensors multiply by it converted to their op-math
 // type: double for double tensors, float otherwise.
-__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) scale_kernel(const TensorListMeta meta, const void* coef,
+__global__ void __launch_bounds__(kBlockThreads, kScaleMinBlocksPerSm) scale_kernel(const TensorListMeta meta, const void* coef,
                                                               DType coef_dtype) {
   const double c = load_coef(coef, coef_dtype);
   if (c >= 1.0) return;
