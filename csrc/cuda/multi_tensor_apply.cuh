@@ -1,7 +1,8 @@
 // segclip's multi-tensor apply: runs one kernel over the chunks of a list of tensors in as few
-// launches as possible. The host half (table sizes, TensorListMeta, multi_tensor_apply) is plain C++
-// and is also included by host-only files (csrc/cuda/module.cpp reads the sizes); the device half
-// (block_chunk, Pack, the dtype traits) is compiled by nvcc only.
+// launches as possible. Plain C++, host and device: module.cpp reads the sizes, and
+// csrc/cuda/test/multi_tensor_apply_test.cpp runs the chunking (multi_tensor_apply, block_chunk,
+// VecSplit) on the host without a GPU. What a block's threads do with its chunk:
+// multi_tensor_math.cuh; the kernels: multi_tensor_kernels.cu.
 #pragma once
 
 #include <algorithm>
@@ -43,8 +44,8 @@ namespace cuda {
 // BERT-base) at two launches per op; 2048 blocks (512 MiB of float32 per launch) keep large lists at
 // few launches (2 GiB: 4), since every launch boundary drains and refills the GPU.
 // Blocks are numbered across launches in list order (launch k's first block is the number of
-// blocks launched before it): the norm writes block b's partial to slot b; see note:
-// [last-block reduction].
+// blocks launched before it): the norm writes block b's partial to slot b,
+// see note: [last-block reduction].
 constexpr int64_t kChunkElems = int64_t{1} << 16;  // elements per chunk (a multiple of every vector width)
 constexpr int kMaxTensors = 100;                   // tensor table entries per launch (block table holds uint8)
 constexpr int kMaxBlocks = 2048;                   // block table entries (= blocks) per launch
@@ -84,8 +85,8 @@ static_assert(kMaxTensors <= 256, "block_tensor holds a tensor index in one byte
 static_assert(kMaxBlocks <= 65535, "first_block holds a block index in 16 bits");
 static_assert(kChunkElems % (kVecBytes / 2) == 0, "a chunk keeps every vector width's alignment");
 static_assert(kChunkElems <= (int64_t{1} << 30), "in-chunk indices are 32-bit");
-// Kernel parameters are limited to 4 KiB (before CUDA 12.1 / Volta); the kernels' other arguments
-// fit in kMaxExtraParamBytes.
+// Kernel parameters are limited to 4 KiB (32 KiB only with CUDA >= 12.1 on Volta and newer; we stay
+// under 4 KiB everywhere); the kernels' other arguments fit in kMaxExtraParamBytes.
 constexpr int kMaxExtraParamBytes = 128;
 static_assert(sizeof(TensorListMeta) + kMaxExtraParamBytes <= 4096, "kernel arguments exceed 4 KiB");
 
@@ -131,7 +132,7 @@ void multi_tensor_apply(const std::vector<TensorPiece>& pieces, Launch&& launch)
 }
 
 // The chunk of block `block` of a launch (blockIdx.x in the kernels; host and device code, so the
-// chunking can be tested without a GPU: tests/cuda_host_logic.cpp).
+// chunking can be tested without a GPU: csrc/cuda/test/multi_tensor_apply_test.cpp).
 // Forced inline: `meta` is the kernel argument and must stay in parameter space, not be copied to
 // local memory.
 struct BlockChunk {

@@ -122,6 +122,8 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(at::TensorList tensors, double norm
   const int64_t scratch_bytes = norm_scratch_bytes(count_blocks(pieces));
   at::Tensor scratch;  // freed on return: the caching allocator orders its reuse after the kernels
   if (scratch_bytes > 0) scratch = at::empty({scratch_bytes}, out_options.dtype(at::kByte));
+  // Queues a memset and the launches; the last block writes norm and coef,
+  // see note: [last-block reduction] (multi_tensor_kernels.cu).
   launch_multi_tensor_norm(kind, pieces, scratch_bytes > 0 ? scratch.mutable_data_ptr() : nullptr,
                            norm.mutable_data_ptr(), coef.defined() ? coef.mutable_data_ptr() : nullptr,
                            max_norm.value_or(0.0), out_double, c10::cuda::getCurrentCUDAStream(device.index()));
@@ -167,6 +169,7 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
     TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, op, ": tensors[", i,
                 "] has internally overlapping memory (an expanded view?); it cannot be scaled in place");
   }
+  // Reads coef on the device; writes nothing when coef >= 1, see note: [scale: nothing to clip].
   launch_multi_tensor_scale(pieces, c.const_data_ptr(), *to_dtype(c.scalar_type()),
                             c10::cuda::getCurrentCUDAStream(device.index()));
   if (!strided.empty()) {  // see note: [CUDA non-dense tensors]

@@ -28,12 +28,12 @@ constexpr int kScaleMinBlocksPerSm = 3;
 
 // NOTE: [CUDA determinism]
 // The norm is bitwise identical on every call with the same inputs:
-//   * chunk boundaries and the block -> chunk mapping depend only on the tensors' sizes (see note:
-//     [CUDA chunking and launches]);
+//   * chunk boundaries and the block -> chunk mapping depend only on the tensors' sizes,
+//     see note: [CUDA chunking and launches];
 //   * inside a block, each thread's elements and the order it accumulates them in are fixed by
 //     threadIdx.x, and the block's threads are combined by a fixed shuffle/shared-memory tree;
 //   * each block writes its partial to its own slot, and one block combines the slots in a fixed
-//     order (see note: [last-block reduction]). Which block is last varies from run to run, but it
+//     order, see note: [last-block reduction]. Which block is last varies from run to run, but it
 //     does the same arithmetic in the same order.
 // There are no floating-point atomics anywhere (the only atomic counts blocks).
 
@@ -120,6 +120,7 @@ __device__ __forceinline__ void finalize(const NormParams& p) {
 // cudaMemsetAsync on the same stream): no state survives a call, concurrent calls on different
 // streams cannot interfere, and both are capturable in a CUDA graph (memset node + kernel nodes).
 // When the list holds no element at all, one block runs finalize alone (norm 0).
+// Bitwise reproducible, see note: [CUDA determinism].
 template <NormKind K>
 __global__ void __launch_bounds__(kBlockThreads, kNormMinBlocksPerSm) norm_kernel(const TensorListMeta meta, const NormParams p) {
   if (p.total_blocks > 0) {
@@ -168,6 +169,7 @@ __global__ void __launch_bounds__(kBlockThreads, kScaleMinBlocksPerSm) scale_ker
   }
 }
 
+// One memset, then one launch per full table, see note: [CUDA chunking and launches].
 template <NormKind K>
 void launch_norm(const std::vector<TensorPiece>& pieces, NormParams p, cudaStream_t stream) {
   if (p.total_blocks == 0) {  // no element: finalize alone
