@@ -79,6 +79,7 @@ cat "$OUT_DIR/env.txt"
 
 # --- 1. build (in place, sm_90 only)
 log "building (SEGCLIP_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0)"
+mkdir -p segclip  # build_ext --inplace copies the libraries there (missing before the Python package lands)
 B0=$(date +%s)
 SEGCLIP_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
   timeout "$(cap 240 $((BENCH_RESERVE_S + 60)))" "$PY" setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1
