@@ -78,6 +78,14 @@ def test_op_argument_errors_say_what_was_received(call, match):
         call()
 
 
+def test_scale_op_refuses_overlapping_views_before_writing_anything():
+    dense = torch.ones(4)
+    expanded = torch.ones(3, 1).expand(3, 2)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] has internally overlapping memory"):
+        torch.ops.segclip.multi_tensor_scale_([dense, expanded], torch.tensor(0.5))
+    assert torch.equal(dense, torch.ones(4))
+
+
 def test_scale_op_rejects_meta_device_tensor():
     with pytest.raises((RuntimeError, NotImplementedError)):
         torch.ops.segclip.multi_tensor_scale_([torch.ones(2), torch.ones(2, device="meta")], torch.tensor(0.5))
