@@ -157,12 +157,17 @@ def _register_train(sub) -> None:
     g.add_argument("--out", default=None, help="run folder (None: RUNS_ROOT/<model>-<time>, or the "
                                                  "--resume checkpoint's folder)")
     g.add_argument("--runs-root", default="runs", help="parent of default run folders")
-    g.add_argument("--resume", default=None, help="checkpoint (e.g. RUN/last.pt) to resume from")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint (e.g. RUN/last.pt) to resume from; arguments left at their defaults "
+                        "are taken from the checkpoint")
     g.add_argument("--no-plot", action="store_true", help="do not write the charts at the end")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    defaults = {a.dest: a.default for a in p._actions if a.dest != "help"}
+
     def run(args):
         from .trainer import run as train_run
+        args._defaults = defaults  # for --resume: which arguments were left at their defaults
         return train_run(args)
     p.set_defaults(func=_guarded("train", run))
 

@@ -94,7 +94,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     warmup = int(config.get("warmup_iters", 0) or 0)
     out = Path(out) if out else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    title = f"{args.get('model', run_dir.name)}  ({run_dir.name})"
+    model = args.get("model", "")
+    title = f"run {run_dir.name}" + (f" ({model})" if model and not run_dir.name.startswith(model) else "")
     written: list[Path] = []
 
     def save(fig, name):
@@ -123,7 +124,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     skipped = [r["step"] for r in steps if r.get("skipped")]
     for s in skipped:
         ax.axvline(s, color="red", alpha=0.3, lw=0.8)
-    ax.set(xlabel="step", ylabel="loss", title=f"training loss: {title}"
+    ax.set(xlabel="step", ylabel="loss", title=f"training loss\n{title}"
            + (f"\n{len(skipped)} steps skipped (non-finite, red lines)" if skipped else ""))
     ax.grid(alpha=0.3)
     ax.legend()
@@ -135,7 +136,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     if warmup:
         ax.axvline(warmup, color="grey", ls="--", lw=1, label=f"end of warmup ({warmup} steps)")
         ax.legend()
-    ax.set(xlabel="step", ylabel="learning rate", title=f"learning rate (warmup + poly): {title}")
+    ax.set(xlabel="step", ylabel="learning rate", title=f"learning rate per step (linear warmup, then poly decay)\n{title}")
     ax.grid(alpha=0.3)
     save(fig, "lr.png")
 
@@ -149,12 +150,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
         ax.plot(ex, pacc, "s--", color="tab:grey", alpha=0.7, label="val pixel accuracy")
         best = max(range(len(miou)), key=lambda i: miou[i])
         ax.annotate(f"best {miou[best]:.3f}", (ex[best], miou[best]), textcoords="offset points",
-                    xytext=(0, 8), ha="center")
+                    xytext=(0, -16), ha="center", color="tab:purple")
         ax.set_xticks(list(ex) if len(ex) <= 20 else ax.get_xticks())
         ax.legend(loc="lower right")
     else:
         ax.text(0.5, 0.5, "no evaluation logged yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set(xlabel="epoch", ylabel="score", ylim=(0, 1), title=f"validation: {title}")
+    ax.set(xlabel="epoch", ylabel="score", ylim=(0, 1.05), title=f"validation mIoU and pixel accuracy per epoch\n{title}")
     ax.grid(alpha=0.3)
     save(fig, "miou.png")
 

@@ -38,11 +38,15 @@ CHECKPOINT_VERSION = 1
 EXIT_NONFINITE = 3
 
 
+# Arguments a resumed run never takes from its checkpoint: where and how it runs, not what it trains.
+NOT_RESUMED = ("resume", "out", "runs_root", "no_progress", "no_plot", "device", "weights")
+
+
 def plain_args(args: argparse.Namespace) -> dict:
     """The arguments as plain values (what checkpoints and config.json hold)."""
     out = {}
     for k, v in vars(args).items():
-        if callable(v):
+        if callable(v) or k.startswith("_"):
             continue
         out[k] = str(v) if isinstance(v, Path) else v
     return out
@@ -64,6 +68,22 @@ def resolve_data(args, is_main: bool, log) -> tuple:
         loc = locate_voc(args.data, Path(args.cache_dir) if args.cache_dir else None)
         default_crop, default_eval = 480, 520
     return loc, args.crop_size or default_crop, args.eval_size or default_eval
+
+
+def resume_args(args: argparse.Namespace, saved: dict, log) -> None:
+    """Takes the checkpoint's value for every argument left at its default on this command line,
+    so ``segclip train --resume RUN/last.pt`` continues the run as it was started. Arguments given
+    explicitly (with a value other than the default) win."""
+    defaults = getattr(args, "_defaults", {})
+    taken = []
+    for key, value in saved.items():
+        if key in NOT_RESUMED or key.endswith("_resolved") or key not in defaults:
+            continue
+        if getattr(args, key) == defaults[key] and value != defaults[key]:
+            setattr(args, key, value)
+            taken.append(f"--{key.replace('_', '-')} {value}")
+    if taken:
+        log(f"resume: from the checkpoint's arguments: {', '.join(taken)}")
 
 
 def seed_everything(seed: int) -> None:
@@ -129,6 +149,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     log = _Printer(info.is_main)
+    resume = None
+    if args.resume:
+        resume = ckpt_io.load(args.resume)
+        if resume.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"--resume: {args.resume} is not a segclip training checkpoint")
+        resume_args(args, resume.get("args", {}), log)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.deterministic:
@@ -178,11 +204,6 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     start_epoch, best_miou = 0, None
 
     # Run folder (rank 0 picks the name; every rank agrees on it)
-    resume = None
-    if args.resume:
-        resume = ckpt_io.load(args.resume)
-        if resume.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"--resume: {args.resume} is not a segclip training checkpoint")
     run_dir = Path(args.out) if args.out else (Path(args.resume).parent if args.resume else None)
     if run_dir is None:
         run_dir = dist_utils.broadcast_object(default_run_dir(args.model, args.runs_root) if info.is_main else None)
