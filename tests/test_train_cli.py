@@ -83,3 +83,12 @@ def test_bad_values_are_usage_errors(capsys):
     assert "not a number" in capsys.readouterr().err
     args = build_parser().parse_args(["train", "--norm-type", "inf", "--bn-momentum", "model"])
     assert args.norm_type == float("inf") and args.bn_momentum is None
+
+
+def test_out_of_range_values_are_one_line_errors(tmp_path, capsys):
+    from segclip.cli import main
+
+    assert main(["train", "--epochs", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "--epochs must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["train", "--scale-min", "2", "--scale-max", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "--scale-min <= --scale-max" in capsys.readouterr().err

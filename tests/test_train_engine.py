@@ -145,4 +145,6 @@ def test_a_diverging_run_stops_with_a_message_and_a_checkpoint(tmp_path):
     assert r.returncode == 3, r.stdout + r.stderr
     assert "2 consecutive steps had a non-finite loss or gradient norm" in r.stdout
     ck = torch.load(out / "nonfinite.pt", weights_only=True)
-    assert ck["train_state"]["consecutive_nonfinite"] == 2
+    assert ck["train_state"]["consecutive_nonfinite"] == 2 and ck["stopped"]
+    r = segclip(["train", "--resume", str(out / "nonfinite.pt")], tmp_path / "cache")
+    assert r.returncode == 2 and "resume from last.pt" in r.stderr

@@ -112,10 +112,27 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuses values that would fail later with a less clear error."""
+    for name in ("epochs", "batch_size", "eval_every", "max_nonfinite", "synthetic_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    if args.max_norm < 0 or args.max_norm != args.max_norm:
+        raise ValueError(f"--max-norm must be a non-negative number, got {args.max_norm}")
+    if not 0 < args.scale_min <= args.scale_max:
+        raise ValueError(f"need 0 < --scale-min <= --scale-max, got {args.scale_min} and {args.scale_max}")
+
+
 def make_checkpoint(model, optimizer, scheduler, scaler, epoch: int, state: TrainState, best_miou,
-                    metrics_summary: dict | None, args, rng_states: list, world: int) -> dict:
-    """Everything a resume needs; only tensors and plain values (loads with weights_only=True)."""
+                    metrics_summary: dict | None, args, rng_states: list, world: int,
+                    stopped: str | None = None) -> dict:
+    """Everything a resume needs; only tensors and plain values (loads with weights_only=True).
+    ``stopped``: why the run stopped mid-epoch (such a file is for inspection, not for resuming)."""
     return {
+        "stopped": stopped,
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
         "model_name": args.model, "num_classes": args.num_classes,
         "crop_size": args.crop_size_resolved, "eval_size": args.eval_size_resolved,
@@ -149,11 +166,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     log = _Printer(info.is_main)
+    check_args(args)
     resume = None
     if args.resume:
         resume = ckpt_io.load(args.resume)
         if resume.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"--resume: {args.resume} is not a segclip training checkpoint")
+        if resume.get("stopped"):
+            raise ValueError(f"--resume: {args.resume} holds the weights where the run stopped "
+                             f"({resume['stopped']}), in the middle of an epoch; resume from last.pt "
+                             f"in the same folder (the last completed epoch)")
         resume_args(args, resume.get("args", {}), log)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,6 +213,9 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     if info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Same initial weights on every rank (DDP also broadcasts rank 0's); from here on each rank
+    # draws its own random numbers (dropout).
+    seed_everything(args.seed + info.rank)
     optimizer, opt_impl = build_optimizer(dist_utils.unwrap(model), args.optimizer, args.lr, args.momentum,
                                           args.weight_decay, device, fused=args.fused_optimizer, log=log)
     iters_per_epoch = len(loader)
@@ -266,7 +291,8 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
             rngs = dist_utils.gather_objects(ckpt_io.rng_state())
             if info.is_main:
                 ckpt_io.atomic_save(make_checkpoint(model, optimizer, scheduler, scaler, epoch - 1, state,
-                                                    best_miou, None, args, rngs, info.world), path)
+                                                    best_miou, None, args, rngs, info.world,
+                                                    stopped="non-finite loss or gradient norm"), path)
             runlog.close()
             log(f"error: {exc}.\nThe weights at this point are in {path}; the last completed epoch is in "
                 f"{run_dir / 'last.pt'} (resume with --resume). Lower --lr, enable clipping (--clip fused) "
