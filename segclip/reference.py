@@ -82,7 +82,7 @@ def combine_norms(norms: list[Tensor], norm_type: float, device: torch.device, d
     """The norm of a list of partial norms, on ``device`` in ``dtype``; ``tensor(0.)`` for none."""
     if not norms:
         return torch.zeros((), device=device, dtype=dtype)
-    if len(norms) == 1:
+    if len(norms) == 1 and norm_type != 0:  # the norm of one norm is itself, except for p = 0
         return norms[0].to(device=device, dtype=dtype)
     stacked = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
     return torch.linalg.vector_norm(stacked, norm_type).to(dtype)

@@ -292,3 +292,13 @@ def test_mixed_devices_give_one_global_norm(backend):
     coef = oracle_coef(ref, ref / 3)
     for p, g in zip(cpu_params + gpu_params, cpu_g + gpu_g):
         assert_clipped_close(p.grad.cpu(), g, coef, 1e-3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_norm_type_zero_counts_tensors_like_torch(backend):
+    """torch's norm of per-tensor norms: for p = 0 that is the number of tensors with a non-zero
+    element, also when there is just one tensor."""
+    for shapes in ([(2,)], [(3,), (4, 4)]):
+        params, originals = make_params(shapes)
+        assert segclip.fused_clip_(params, 1e9, 0.0, backend=backend).item() == len(shapes)
+        assert torch.nn.utils.get_total_norm(originals, 0.0).item() == len(shapes)
