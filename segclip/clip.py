@@ -146,6 +146,17 @@ def _check_finite(total: Tensor, norm_type: float) -> None:
             "anyway, set `error_if_nonfinite=False`")
 
 
+def _general_norm(grads: list[Tensor], norm_type: float, max_norm: float | None, error_if_nonfinite: bool,
+                  backend: str) -> tuple[list[_Group], Tensor, Tensor | None]:
+    """Plans the groups, then takes the total norm (and coefficient) over all of them."""
+    groups = _plan(grads, backend)
+    dtype = reference.accumulate_dtype(g.dtype for g in grads)
+    total, coef = _norm_and_coef(groups, norm_type, max_norm, grads[0].device, dtype)
+    if error_if_nonfinite:
+        _check_finite(total, norm_type)
+    return groups, total, coef
+
+
 def _empty_norm() -> Tensor:
     return torch.tensor(0.0)
 
@@ -223,11 +234,7 @@ def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float 
     if not grads:
         return _empty_norm()
     with torch.no_grad():
-        groups = _plan(grads, backend)
-        dtype = reference.accumulate_dtype(g.dtype for g in grads)
-        total, coef = _norm_and_coef(groups, norm_type, max_norm, grads[0].device, dtype)
-        if error_if_nonfinite:
-            _check_finite(total, norm_type)
+        groups, total, coef = _general_norm(grads, norm_type, max_norm, error_if_nonfinite, backend)
         _scale(groups, coef)
     return total
 
@@ -260,12 +267,7 @@ def total_norm(grads: _TensorOrTensors, norm_type: float = 2.0, error_if_nonfini
     if not tensors:
         return _empty_norm()
     with torch.no_grad():
-        groups = _plan(tensors, backend)
-        dtype = reference.accumulate_dtype(t.dtype for t in tensors)
-        total, _ = _norm_and_coef(groups, norm_type, None, tensors[0].device, dtype)
-        if error_if_nonfinite:
-            _check_finite(total, norm_type)
-    return total
+        return _general_norm(tensors, norm_type, None, error_if_nonfinite, backend)[1]
 
 
 def clip_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_norm: Tensor | float, *,
