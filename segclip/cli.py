@@ -13,6 +13,7 @@ import sys
 
 COMMAND_MODULES = [
     "segclip.demo",
+    "segclip.bench",
 ]
 
 
