@@ -356,6 +356,7 @@ def bench_group(case: Case, dtype_name: str, device: str, impls: list[Impl], arg
     flat = torch.randn(case.n_elements, dtype=dtype, device=device) if device == "cpu" else None
     elem = torch.empty((), dtype=dtype).element_size()
     sub_label = f"{case.name} [{dtype_name}]"
+    load = load_average()  # kept per record: a noisy group shows up in the JSON
     records = []
     ref = reference_norm(grads)
     # Nothing-to-clip first: it needs the random data, which clipping with max_norm=0 zeroes.
@@ -397,6 +398,7 @@ def bench_group(case: Case, dtype_name: str, device: str, impls: list[Impl], arg
                 "available": impl.available, "reason": impl.reason,
                 "n_tensors": case.n_tensors, "n_elements": case.n_elements, "bytes_moved": n_bytes,
                 "median_s": None, "iqr_s": None, "n_samples": 0, "timed": impl.timed,
+                "load_average_1m": load[0] if load else None,
             }
             m = merged.get(impl.key)
             if m is not None:
