@@ -402,7 +402,7 @@ def bench_group(case: Case, dtype_name: str, device: str, impls: list[Impl], arg
             }
             m = merged.get(impl.key)
             if m is not None:
-                rec.update(median_s=m.median, iqr_s=m.iqr, n_samples=len(m.times))
+                rec.update(median_s=m.median, iqr_s=m.iqr, min_s=min(m.times), n_samples=len(m.times))
             elif impl.key == "bound" and device == "cuda" and bandwidth:
                 rec.update(median_s=n_bytes / bandwidth["bytes_per_s"])
             if impl.key in norm_err:
@@ -427,6 +427,21 @@ def add_ratios(records: list[dict]) -> None:
             r["speedup_vs_foreach"] = base / t if (t and base) else None
             r["fraction_of_bound"] = bound / t if (t and bound) else None
             r["time_over_bound"] = t / bound if (t and bound) else None
+
+
+def _round(x, digits: int = 4):
+    if isinstance(x, float) and math.isfinite(x) and x != 0:
+        return float(f"{x:.{digits}g}")
+    return x
+
+
+def dumps_result(result: dict) -> str:
+    """The JSON text: settings indented, one record per line (small, and diffs read per figure);
+    floats in records rounded to 4 significant digits (timing noise is far larger)."""
+    head = {k: v for k, v in result.items() if k != "records"}
+    text = json.dumps(head, indent=1)
+    records = ",\n  ".join(json.dumps({k: _round(v) for k, v in r.items()}) for r in result["records"])
+    return text[:-2] + ',\n "records": [\n  ' + records + "\n ]\n}\n"
 
 
 def _parse_list(values: list[str] | None) -> list[str] | None:
@@ -604,7 +619,7 @@ def main_args(args: argparse.Namespace) -> int:
     print(report.format_rows(result))
     print(report.format_targets(result))
     json_path = out / "bench.json"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    json_path.write_text(dumps_result(result))
     (out / "summary.md").write_text(report.summary_markdown(result))
     written = [json_path, out / "summary.md"]
     if not args.no_plot:
