@@ -100,8 +100,10 @@ BASELINE = "torch_foreach"
 
 PRESETS = {
     # quick: the cases and dtype the headline targets need, short timings (< 1 min on 2 cores)
-    "quick": {"models": QUICK_CASES, "dtypes": ("fp32",), "min_run_time": 0.1, "rounds": 1},
-    "full": {"models": ALL_CASES, "dtypes": tuple(DTYPES), "min_run_time": 0.3, "rounds": 2},
+    "quick": {"models": QUICK_CASES, "dtypes": ("fp32",), "min_run_time": 0.1, "rounds": 1, "retries": 1,
+              "quiet_timeout": 10.0},
+    "full": {"models": ALL_CASES, "dtypes": tuple(DTYPES), "min_run_time": 0.2, "rounds": 3, "retries": 3,
+             "quiet_timeout": 60.0},
 }
 HUGE_ELEMS = {"cpu": 8 * 2**20, "cuda": 32 * 2**20}  # per tensor; x8 tensors
 CUDA_BANDWIDTH_BYTES = 256 * 2**20
@@ -300,6 +302,52 @@ def command_line(argv: list[str]) -> str:
     return " ".join([head] + argv[1:])
 
 
+class OtherLoad:
+    """CPU time used by OTHER processes while we time (Linux ``/proc``; elsewhere unknown).
+
+    On a small shared machine another process on the other core delays each of our parallel
+    regions by a scheduler time slice (milliseconds), so a round timed while someone compiles is
+    noise. ``others(before, after)`` is the average number of cores others kept busy in between:
+    all busy jiffies (steal included) minus this process's own (all its threads).
+    """
+
+    def __init__(self) -> None:
+        self.available = self.snapshot() is not None
+
+    @staticmethod
+    def snapshot() -> tuple[int, int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(v) for v in f.readline().split()[1:9]]
+            with open("/proc/self/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            own = int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+        except (OSError, ValueError, IndexError):
+            return None
+        return sum(vals), vals[3] + vals[4], own  # total, idle + iowait, own
+
+    @staticmethod
+    def others(before, after) -> float | None:
+        if before is None or after is None:
+            return None
+        total = after[0] - before[0]
+        if total <= 0:
+            return None
+        busy = total - (after[1] - before[1]) - (after[2] - before[2])
+        return max(0.0, busy / total * (os.cpu_count() or 1))
+
+    def wait_quiet(self, threshold: float, timeout: float, window: float = 0.5) -> float | None:
+        """Sleeps in ``window`` steps until others use at most ``threshold`` cores (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        load = None
+        while True:
+            before = self.snapshot()
+            time.sleep(window)
+            load = self.others(before, self.snapshot())
+            if load is None or load <= threshold or time.monotonic() >= deadline:
+                return load
+
+
 def machine_info(threads: int, command: list[str]) -> dict:
     import segclip
 
@@ -349,7 +397,7 @@ def measure_copy_bandwidth(min_run_time: float, threads: int) -> dict:
 
 
 def bench_group(case: Case, dtype_name: str, device: str, impls: list[Impl], args, progress,
-                bandwidth: dict | None, measurements: list) -> list[dict]:
+                bandwidth: dict | None, measurements: list, monitor: OtherLoad) -> list[dict]:
     """Times every implementation on one (case, dtype, device), both modes; returns the records."""
     dtype = DTYPES[dtype_name]
     params, grads = make_grads(case, dtype, device, args.seed)
@@ -378,13 +426,31 @@ def bench_group(case: Case, dtype_name: str, device: str, impls: list[Impl], arg
                     norm_err[impl.key] = abs(got - ref) / ref if ref else abs(got)
                 fns[impl.key] = synced(fn, device)
         by_impl: dict[str, list] = {k: [] for k in fns}
+        kept_load: list[float] = []
+        discarded = 0
         for r in range(args.rounds):
             order = list(fns) if r % 2 == 0 else list(reversed(fns))
-            for key in order:
-                desc = next(i.label for i in impls if i.key == key)
-                t = _timer(fns[key], label, sub_label, desc, args.threads)
-                by_impl[key].append(t.blocked_autorange(min_run_time=args.min_run_time))
-                progress.update(1)
+            for attempt in range(args.retries + 1):
+                before = monitor.snapshot()
+                round_ms = {}
+                for key in order:
+                    desc = next(i.label for i in impls if i.key == key)
+                    t = _timer(fns[key], label, sub_label, desc, args.threads)
+                    round_ms[key] = t.blocked_autorange(min_run_time=args.min_run_time)
+                    progress.update(1)
+                others = monitor.others(before, monitor.snapshot())
+                if others is None or others <= args.max_other_load or attempt == args.retries:
+                    break
+                # Someone else used the CPUs during this round: time it again once they stop.
+                discarded += 1
+                progress.total += len(order)
+                progress.write(f"{device} {sub_label} {mode} round {r + 1}: other processes used "
+                               f"{others:.2f} cores; round discarded, waiting for a quiet moment")
+                monitor.wait_quiet(args.max_other_load, args.quiet_timeout)
+            for key, m in round_ms.items():
+                by_impl[key].append(m)
+            if others is not None:
+                kept_load.append(others)
         merged = {}
         from torch.utils import benchmark
         for key, ms in by_impl.items():
@@ -399,6 +465,10 @@ def bench_group(case: Case, dtype_name: str, device: str, impls: list[Impl], arg
                 "n_tensors": case.n_tensors, "n_elements": case.n_elements, "bytes_moved": n_bytes,
                 "median_s": None, "iqr_s": None, "n_samples": 0, "timed": impl.timed,
                 "load_average_1m": load[0] if load else None,
+                # cores other processes kept busy during the kept rounds (max over rounds)
+                "others_cpu": round(max(kept_load), 3) if kept_load else None,
+                "noisy": bool(kept_load) and max(kept_load) > args.max_other_load,
+                "rounds_discarded": discarded,
             }
             m = merged.get(impl.key)
             if m is not None:
@@ -480,6 +550,10 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
         args.min_run_time = preset["min_run_time"]
     if args.rounds is None:
         args.rounds = preset["rounds"]
+    if args.retries is None:
+        args.retries = preset["retries"]
+    if args.quiet_timeout is None:
+        args.quiet_timeout = preset["quiet_timeout"]
     if args.threads is None:
         args.threads = torch.get_num_threads()
     if args.out is None:
@@ -502,6 +576,8 @@ def run_bench(args: argparse.Namespace, command: list[str] | None = None) -> dic
             "quick": bool(args.quick), "models": args.models, "dtypes": args.dtypes,
             "modes": args.modes, "devices": args.devices, "min_run_time_s": args.min_run_time,
             "rounds": args.rounds, "threads": args.threads, "seed": args.seed,
+            "max_other_load": args.max_other_load, "retries": args.retries,
+            "quiet_timeout_s": args.quiet_timeout,
             "max_norm": {m: MODES[m] for m in args.modes},
             "timing": ("torch.utils.benchmark.Timer.blocked_autorange, median over all blocks of all "
                        "rounds; implementations interleaved per round; CUDA calls end with "
@@ -523,6 +599,12 @@ def run_bench(args: argparse.Namespace, command: list[str] | None = None) -> dic
     n_timed = sum(sum(1 for i in impls if i.available and i.timed) for impls in impls_by_device.values())
     total = n_timed * len(args.models) * len(args.dtypes) * len(args.modes) * args.rounds
     measurements: list = []
+    monitor = OtherLoad()
+    result["settings"]["contention"] = (
+        f"a round during which other processes kept more than {args.max_other_load} cores busy is "
+        f"timed again (up to {args.retries} times per round, after waiting up to {args.quiet_timeout} s "
+        "for a quiet moment); records keep others_cpu, noisy and rounds_discarded"
+        if monitor.available else "not monitored (no /proc on this system)")
     with tqdm(total=total, desc="segclip bench", unit="timing", file=sys.stderr,
               disable=args.no_progress, dynamic_ncols=True) as progress:
         for device in args.devices:
@@ -536,7 +618,7 @@ def run_bench(args: argparse.Namespace, command: list[str] | None = None) -> dic
                 for dtype_name in args.dtypes:
                     progress.set_postfix_str(f"{device} {name} {dtype_name}")
                     result["records"].extend(bench_group(case, dtype_name, device, impls_by_device[device],
-                                                         args, progress, bandwidth, measurements))
+                                                         args, progress, bandwidth, measurements, monitor))
     result["machine"]["load_average_end"] = load_average()
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     result["_measurements"] = measurements  # not serialised
@@ -579,6 +661,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"interleaved rounds merged into one median [default: {PRESETS['full']['rounds']}; "
                         f"--quick {PRESETS['quick']['rounds']}]")
     p.add_argument("--threads", type=int, default=None, help="torch threads [default: torch.get_num_threads()]")
+    p.add_argument("--max-other-load", type=float, default=0.15, metavar="CORES",
+                   help="a round during which other processes kept more cores than this busy is timed "
+                        "again [default: 0.15]")
+    p.add_argument("--retries", type=int, default=None,
+                   help=f"times a disturbed round is timed again before it is kept and marked noisy "
+                        f"[default: {PRESETS['full']['retries']}; --quick {PRESETS['quick']['retries']}]")
+    p.add_argument("--quiet-timeout", type=float, default=None, metavar="S",
+                   help=f"longest wait for a quiet moment before a retry [default: "
+                        f"{PRESETS['full']['quiet_timeout']:g}; --quick {PRESETS['quick']['quiet_timeout']:g}]")
     p.add_argument("--seed", type=int, default=0, help="seed of the random gradients [default: 0]")
     p.add_argument("--compare", nargs="+", metavar="JSON", default=None,
                    help="OLD.json: run, then show how each figure moved against OLD (new/old, > 10%% "

@@ -152,8 +152,8 @@ def normalize_records(data, default_device: str = "cpu") -> list[dict]:
             "available": rec.get("available", True), "reason": rec.get("reason"),
             "median_s": _seconds(rec, "median"),
         }
-        for k in ("iqr_s", "n_samples", "n_tensors", "n_elements", "bytes_moved", "norm_rel_err",
-                  "impl_label", "timed"):
+        for k in ("iqr_s", "min_s", "n_samples", "n_tensors", "n_elements", "bytes_moved", "norm_rel_err",
+                  "impl_label", "timed", "noisy", "others_cpu", "rounds_discarded"):
             if k in rec:
                 r[k] = rec[k]
         for k in ("speedup_vs_foreach", "fraction_of_bound"):
@@ -225,6 +225,30 @@ def _unavailable_note(r: dict | None) -> str | None:
     return None
 
 
+def _noise_note(group: list[dict]) -> str | None:
+    """A warning for a (case, dtype, mode) whose kept rounds ran while other processes were busy."""
+    noisy = [r for r in group if r.get("noisy")]
+    if not noisy:
+        return None
+    return (f"NOISY: other processes kept {max(r.get('others_cpu') or 0 for r in noisy):.2f} cores busy "
+            f"during a kept round ({max(r.get('rounds_discarded') or 0 for r in group)} round(s) discarded)")
+
+
+def noise_summary(records: list[dict]) -> str:
+    groups = {}
+    for r in records:
+        groups.setdefault((r["device"], r["case"], r["dtype"], r["mode"]), []).append(r)
+    noisy = [k for k, g in groups.items() if any(r.get("noisy") for r in g)]
+    discarded = sum(max(r.get("rounds_discarded") or 0 for r in g) for g in groups.values())
+    text = f"{discarded} round(s) discarded and timed again because other processes used the CPUs"
+    if noisy:
+        text += (f"; {len(noisy)} of {len(groups)} groups still noisy after the retries: "
+                 + ", ".join(f"{d}/{c}/{t}/{m}" for d, c, t, m in noisy))
+    else:
+        text += f"; no group of {len(groups)} kept a disturbed round"
+    return text
+
+
 def format_rows(result: dict) -> str:
     """One row per implementation: time, speedup over torch foreach, fraction of the bound."""
     records = normalize_records(result)
@@ -239,9 +263,9 @@ def format_rows(result: dict) -> str:
             groups = dict.fromkeys((r["case"], r["dtype"]) for r in records
                                    if r["device"] == device and r["mode"] == mode)
             for case, dtype in groups:
-                for r in records:
-                    if (r["device"], r["case"], r["dtype"], r["mode"]) != (device, case, dtype, mode):
-                        continue
+                group = [r for r in records
+                         if (r["device"], r["case"], r["dtype"], r["mode"]) == (device, case, dtype, mode)]
+                for r in group:
                     label = impl_label(r["impl"], device)
                     note = _unavailable_note(r)
                     if note:
@@ -252,11 +276,16 @@ def format_rows(result: dict) -> str:
                         t += "*"
                     lines.append(f"{case:<30} {dtype:<5} {label:<16} {t:>10} "
                                  f"{fmt_ratio(r.get('speedup_vs_foreach')):>11} {fmt_pct(r.get('fraction_of_bound')):>9}")
+                note = _noise_note(group)
+                if note:
+                    lines.append(f"{'':<30} {'':<5} {note}")
                 lines.append("")
     if any(r["impl"] == "bound" and not r.get("timed", True) for r in records):
         lines.append("* computed from the measured copy bandwidth, not timed")
     lines.append("vs foreach: torch foreach time / this time (>1 = faster). "
                  "of bound: bound time / this time (100% = at the bound).")
+    if any("noisy" in r for r in records):
+        lines.append("contention: " + noise_summary(records))
     return "\n".join(lines)
 
 
@@ -343,7 +372,9 @@ def markdown_tables(records: list[dict], device: str, cases=None, dtypes=None, m
                 any_rec = next((idx[k] for k in idx if k[1] == case), None)
                 n_t = str(any_rec["n_tensors"]) if any_rec and "n_tensors" in any_rec else "-"
                 n_e = f"{any_rec['n_elements']:,}" if any_rec and "n_elements" in any_rec else "-"
-                rows.append([case, n_t, n_e] + [_cell(idx.get((device, case, dtype, mode, k))) for k in impls])
+                noisy = any(r.get("noisy") for k, r in idx.items() if k[1:4] == (case, dtype, mode))
+                rows.append([case + (" (noisy)" if noisy else ""), n_t, n_e]
+                            + [_cell(idx.get((device, case, dtype, mode, k))) for k in impls])
             out.append(_md_table(header, rows) + "\n")
     return "\n".join(out)
 
@@ -374,6 +405,10 @@ def _machine_lines(result: dict) -> list[str]:
     if s:
         lines.append(f"- timing: min_run_time {s.get('min_run_time_s')} s x {s.get('rounds')} rounds per "
                      f"implementation; {s.get('timing', '')}")
+    recs = raw_records(result)
+    if any("noisy" in r for r in recs):
+        lines.append(f"- contention: {noise_summary(normalize_records(result))}. A row marked (noisy) "
+                     "was timed while other processes used the CPUs")
     return lines
 
 

@@ -16,7 +16,7 @@ from segclip import bench, bench_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--models", "synthetic_smoke", "--dtypes", "fp32", "--min-run-time", "0.001", "--rounds", "1",
-         "--device", "cpu", "--no-progress"]
+         "--device", "cpu", "--no-progress", "--retries", "0"]
 IMPLS = {"torch_foreach", "torch_loop", "segclip_torch", "segclip_cpu", "bound"}
 
 
@@ -134,3 +134,13 @@ def test_pure_pytorch_fallback_shows_compiled_row_not_available(tmp_path):
     row = next(ln for ln in proc.stdout.splitlines() if "segclip cpu" in ln and "synthetic_smoke" in ln)
     assert "not available: disabled by SEGCLIP_BACKEND=torch" in row
     assert "not available" in (out / "summary.md").read_text()
+
+
+def test_noisy_groups_are_marked():
+    recs = [{"device": "cpu", "case": "synthetic_tiny", "dtype": "fp32", "mode": "active", "impl": impl,
+             "median_s": 1e-3, "available": True, "noisy": True, "others_cpu": 0.9, "rounds_discarded": 3}
+            for impl in ("torch_foreach", "segclip_cpu", "bound")]
+    result = {"records": recs}
+    assert "NOISY: other processes kept 0.90 cores busy" in bench_report.format_rows(result)
+    assert "| synthetic_tiny (noisy) |" in bench_report.summary_markdown(result)
+    assert "1 of 1 groups still noisy" in bench_report.noise_summary(bench_report.normalize_records(result))
