@@ -101,9 +101,9 @@ BASELINE = "torch_foreach"
 PRESETS = {
     # quick: the cases and dtype the headline targets need, short timings (< 1 min on 2 cores)
     "quick": {"models": QUICK_CASES, "dtypes": ("fp32",), "min_run_time": 0.1, "rounds": 1, "retries": 1,
-              "quiet_timeout": 10.0},
+              "quiet_timeout": 5.0, "retry_budget": 20.0},
     "full": {"models": ALL_CASES, "dtypes": tuple(DTYPES), "min_run_time": 0.2, "rounds": 3, "retries": 3,
-             "quiet_timeout": 60.0},
+             "quiet_timeout": 60.0, "retry_budget": 900.0},
 }
 HUGE_ELEMS = {"cpu": 8 * 2**20, "cuda": 32 * 2**20}  # per tensor; x8 tensors
 CUDA_BANDWIDTH_BYTES = 256 * 2**20
@@ -311,8 +311,9 @@ class OtherLoad:
     all busy jiffies (steal included) minus this process's own (all its threads).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, budget: float = math.inf) -> None:
         self.available = self.snapshot() is not None
+        self.budget = budget  # seconds this run may still spend redoing disturbed rounds
 
     @staticmethod
     def snapshot() -> tuple[int, int, int] | None:
@@ -431,6 +432,7 @@ def bench_group(case: Case, dtype_name: str, device: str, impls: list[Impl], arg
         for r in range(args.rounds):
             order = list(fns) if r % 2 == 0 else list(reversed(fns))
             for attempt in range(args.retries + 1):
+                started = time.monotonic()
                 before = monitor.snapshot()
                 round_ms = {}
                 for key in order:
@@ -439,14 +441,16 @@ def bench_group(case: Case, dtype_name: str, device: str, impls: list[Impl], arg
                     round_ms[key] = t.blocked_autorange(min_run_time=args.min_run_time)
                     progress.update(1)
                 others = monitor.others(before, monitor.snapshot())
-                if others is None or others <= args.max_other_load or attempt == args.retries:
+                if (others is None or others <= args.max_other_load or attempt == args.retries
+                        or monitor.budget <= 0):
                     break
                 # Someone else used the CPUs during this round: time it again once they stop.
                 discarded += 1
                 progress.total += len(order)
                 progress.write(f"{device} {sub_label} {mode} round {r + 1}: other processes used "
                                f"{others:.2f} cores; round discarded, waiting for a quiet moment")
-                monitor.wait_quiet(args.max_other_load, args.quiet_timeout)
+                monitor.wait_quiet(args.max_other_load, min(args.quiet_timeout, monitor.budget))
+                monitor.budget -= time.monotonic() - started  # the discarded round and the wait
             for key, m in round_ms.items():
                 by_impl[key].append(m)
             if others is not None:
@@ -554,6 +558,8 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
         args.retries = preset["retries"]
     if args.quiet_timeout is None:
         args.quiet_timeout = preset["quiet_timeout"]
+    if args.retry_budget is None:
+        args.retry_budget = preset["retry_budget"]
     if args.threads is None:
         args.threads = torch.get_num_threads()
     if args.out is None:
@@ -577,7 +583,7 @@ def run_bench(args: argparse.Namespace, command: list[str] | None = None) -> dic
             "modes": args.modes, "devices": args.devices, "min_run_time_s": args.min_run_time,
             "rounds": args.rounds, "threads": args.threads, "seed": args.seed,
             "max_other_load": args.max_other_load, "retries": args.retries,
-            "quiet_timeout_s": args.quiet_timeout,
+            "quiet_timeout_s": args.quiet_timeout, "retry_budget_s": args.retry_budget,
             "max_norm": {m: MODES[m] for m in args.modes},
             "timing": ("torch.utils.benchmark.Timer.blocked_autorange, median over all blocks of all "
                        "rounds; implementations interleaved per round; CUDA calls end with "
@@ -599,11 +605,12 @@ def run_bench(args: argparse.Namespace, command: list[str] | None = None) -> dic
     n_timed = sum(sum(1 for i in impls if i.available and i.timed) for impls in impls_by_device.values())
     total = n_timed * len(args.models) * len(args.dtypes) * len(args.modes) * args.rounds
     measurements: list = []
-    monitor = OtherLoad()
+    monitor = OtherLoad(args.retry_budget)
     result["settings"]["contention"] = (
         f"a round during which other processes kept more than {args.max_other_load} cores busy is "
         f"timed again (up to {args.retries} times per round, after waiting up to {args.quiet_timeout} s "
-        "for a quiet moment); records keep others_cpu, noisy and rounds_discarded"
+        f"for a quiet moment; at most {args.retry_budget} s of redone rounds and waits per run); "
+        "records keep others_cpu, noisy and rounds_discarded"
         if monitor.available else "not monitored (no /proc on this system)")
     with tqdm(total=total, desc="segclip bench", unit="timing", file=sys.stderr,
               disable=args.no_progress, dynamic_ncols=True) as progress:
@@ -670,6 +677,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet-timeout", type=float, default=None, metavar="S",
                    help=f"longest wait for a quiet moment before a retry [default: "
                         f"{PRESETS['full']['quiet_timeout']:g}; --quick {PRESETS['quick']['quiet_timeout']:g}]")
+    p.add_argument("--retry-budget", type=float, default=None, metavar="S",
+                   help=f"most seconds a run spends on redone rounds and waits; then disturbed rounds are "
+                        f"kept and marked noisy [default: {PRESETS['full']['retry_budget']:g}; --quick "
+                        f"{PRESETS['quick']['retry_budget']:g}]")
     p.add_argument("--seed", type=int, default=0, help="seed of the random gradients [default: 0]")
     p.add_argument("--compare", nargs="+", metavar="JSON", default=None,
                    help="OLD.json: run, then show how each figure moved against OLD (new/old, > 10%% "
