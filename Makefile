@@ -21,15 +21,17 @@ bench: $(VENV)/.built
 
 build: $(VENV)/.built
 
-$(VENV)/.deps:
-	$(PYTHON) -m venv $(VENV)
+# The virtual environment, the pinned dependencies, and the package itself installed in editable
+# mode (console script `segclip`) without compiling anything: the kernels are built by the next rule.
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(DEPS)
+	SEGCLIP_NO_EXTENSIONS=1 $(PY) -m pip install -q --no-build-isolation --no-deps \
+		--config-settings editable_mode=compat -e .
 	touch $@
 
-# Builds the extensions in place (ninja rebuilds only what changed) and installs the package
-# (console script `segclip`) in editable mode.
+# Builds the kernels in place; ninja rebuilds only what changed.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 

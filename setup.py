@@ -11,6 +11,8 @@ Build switches (environment variables), each printed with its resolved value:
                       width (-march=native: AVX2 / AVX-512 where present); portable: generic x86-64
                       code that runs anywhere (slower). See csrc/cpu/vec_capability.h.
   SEGCLIP_DEBUG       1: -O0 -g instead of -O3.
+  SEGCLIP_NO_EXTENSIONS  1: install the Python package only (the pure-PyTorch backend); the Makefile
+                      uses it for the one-time editable install, then builds in place with ninja.
   MAX_JOBS            parallel compile jobs (ninja), as usual for torch extensions.
 """
 import glob
@@ -75,7 +77,7 @@ if SEGCLIP_WITH_CUDA == "1" and not BUILD_CUDA:
                 else "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"))
 
 opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-cxx_flags = opt + ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized"]
+cxx_flags = opt + ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas"]
 if CPU_ARCH == "native":
     cxx_flags.append("-march=native")
 nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
@@ -83,11 +85,12 @@ nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
 cpu_sources = ["csrc/segclip.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
 
-ext_modules = [
+NO_EXTENSIONS = os.environ.get("SEGCLIP_NO_EXTENSIONS", "0") == "1"
+ext_modules = [] if NO_EXTENSIONS else [
     CppExtension("segclip._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
                  extra_link_args=["-fopenmp"]),
 ]
-if BUILD_CUDA and cuda_sources:
+if BUILD_CUDA and cuda_sources and not NO_EXTENSIONS:
     ext_modules.append(CUDAExtension(
         "segclip._C_cuda", cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": opt + ["-Wall"], "nvcc": nvcc_flags}))

@@ -11,6 +11,13 @@ import torch
 from . import _ext
 
 
+def _check_devices(tensors, op: str) -> None:
+    torch._check(len(tensors) > 0, lambda: f"{op}: expected a non-empty list of tensors")
+    device = tensors[0].device
+    for i, t in enumerate(tensors):
+        torch._check(t.device == device, lambda: f"{op}: tensors[{i}] is on {t.device}, tensors[0] on {device}")
+
+
 def _norm_dtype(tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -19,15 +26,17 @@ if _ext.CPU_LOADED:
 
     @torch.library.register_fake("segclip::multi_tensor_norm")
     def _multi_tensor_norm_fake(tensors, norm_type):
-        torch._check(len(tensors) > 0, lambda: "segclip::multi_tensor_norm: expected a non-empty list")
+        _check_devices(tensors, "segclip::multi_tensor_norm")
         return tensors[0].new_empty((), dtype=_norm_dtype(tensors))
 
     @torch.library.register_fake("segclip::multi_tensor_norm_coef")
     def _multi_tensor_norm_coef_fake(tensors, norm_type, max_norm):
-        torch._check(len(tensors) > 0, lambda: "segclip::multi_tensor_norm_coef: expected a non-empty list")
+        _check_devices(tensors, "segclip::multi_tensor_norm_coef")
         dtype = _norm_dtype(tensors)
         return tensors[0].new_empty((), dtype=dtype), tensors[0].new_empty((), dtype=dtype)
 
     @torch.library.register_fake("segclip::multi_tensor_scale_")
     def _multi_tensor_scale_fake(tensors, coef):
+        if tensors:
+            _check_devices(list(tensors) + [coef], "segclip::multi_tensor_scale_")
         return None

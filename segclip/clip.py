@@ -54,7 +54,7 @@ def _parse_max_norm(max_norm) -> float:
         value = float(max_norm)
     else:
         raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}: {max_norm!r}")
-    if math.isnan(value) or value < 0:
+    if not value >= 0:  # negative or NaN (written so that torch.compile can trace it)
         raise ValueError(f"max_norm must be a non-negative number, got {max_norm!r}")
     return value
 

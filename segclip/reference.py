@@ -16,10 +16,13 @@ Two deliberate differences from torch:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 _WIDE = (torch.float64, torch.complex128)
+_CPU_SLICE = 1 << 14  # elements; see note: [CPU fp32 reduction error]
 
 
 def accumulate_dtype(dtypes) -> torch.dtype:
@@ -44,13 +47,28 @@ def tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
             norms.append(_norm_one(t.values(), norm_type))  # compressed layouts have no duplicates
         else:
             groups.setdefault((t.device, t.dtype), []).append(t)
-    for (_, dtype), group in groups.items():
+    for (device, dtype), group in groups.items():
         if dtype.is_complex:
             norms.extend(_norm_one(t, norm_type) for t in group)
-        else:
-            acc = accumulate_dtype([dtype])
-            norms.extend(torch._foreach_norm(group, norm_type, dtype=acc))
+            continue
+        if device.type == "cpu" and dtype != torch.float64 and norm_type != 0:
+            # NOTE: [CPU fp32 reduction error] torch's CPU fp32 norm kernel accumulates long runs in
+            # fp32: ~4e-4 relative error on 10M elements. Norms of 16K-element slices (views, no
+            # copy), combined in float64, stay near 3e-8 (64K: 2e-7, too close to 1e-6 for p < 1). Exact for every p != 0; p = 0 counts
+            # tensors (torch's definition) and must not be sliced.
+            group = [piece for t in group for piece in t.reshape(-1).split(_CPU_SLICE)]
+            if not math.isinf(norm_type) and norm_type != 2:
+                # Its fp32 kernel for other p errs by ~2e-6 even on 1K elements; abs().pow().sum()
+                # stays near 3e-8, so those pieces are computed here, in float64 after the sum.
+                norms.extend(_abs_pow_sum(piece, norm_type).double() ** (1 / norm_type) for piece in group)
+                continue
+        norms.extend(torch._foreach_norm(group, norm_type, dtype=accumulate_dtype([dtype])))
     return norms
+
+
+def _abs_pow_sum(t: Tensor, p: float) -> Tensor:
+    a = t.abs().float()  # half/bfloat16: powers and sums in float32, not rounded per element
+    return a.sum() if p == 1 else a.pow(p).sum()
 
 
 def _norm_one(t: Tensor, norm_type: float) -> Tensor:
@@ -66,8 +84,8 @@ def combine_norms(norms: list[Tensor], norm_type: float, device: torch.device, d
         return torch.zeros((), device=device, dtype=dtype)
     if len(norms) == 1:
         return norms[0].to(device=device, dtype=dtype)
-    stacked = torch.stack([n.to(device=device, dtype=dtype) for n in norms])
-    return torch.linalg.vector_norm(stacked, norm_type)
+    stacked = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
+    return torch.linalg.vector_norm(stacked, norm_type).to(dtype)
 
 
 def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> Tensor:

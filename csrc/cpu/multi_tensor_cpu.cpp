@@ -2,6 +2,7 @@
 #include "vec_capability.h"  // first: it selects at::vec's implementation, see note: [CPU vector width]
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -250,7 +251,17 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
 
   std::vector<at::Tensor> flat;
   std::vector<at::Tensor> strided;  // views with gaps: scaled in place by ATen after the fused pass
-  for (const at::Tensor& t : tensors) (is_flat(t) ? flat : strided).push_back(t);
+  for (size_t i = 0; i < tensors.size(); ++i) {  // every check before the first write
+    const at::Tensor& t = tensors[i];
+    if (t.numel() == 0) continue;
+    if (is_flat(t)) {
+      flat.push_back(t);
+    } else {
+      TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": tensors[", i,
+                  "] has internally overlapping memory (an expanded view?); it cannot be scaled in place");
+      strided.push_back(t);
+    }
+  }
   const std::vector<Chunk> chunks = make_chunks(flat);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -261,7 +272,11 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
       });
     }
   });
-  for (at::Tensor& t : strided) t.mul_(coef);
+  // In op-math precision and rounded once, like the fused pass (mul_ would round coef to half first).
+  for (at::Tensor& t : strided) {
+    const auto opmath = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    t.copy_(t.to(opmath) * c);
+  }
 }
 
 }  // namespace

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# One-shot GPU check of segclip's CUDA kernels, for a machine with a GPU and its own torch, python3,
+# ninja and a CUDA toolkit, and no package registry (nothing is installed or downloaded):
+#   1. builds the extension in place for sm_90 (SEGCLIP_WITH_CUDA=1, CUDA_HOME resolved here),
+#   2. runs tests/test_cuda.py (then the other tests, if time allows),
+#   3. runs benchmarks/gpu_bench.py,
+# writes logs and gpu_check.json into $OUT (else ./gpu_results) and prints a short table last.
+# Budget: GPU_CHECK_BUDGET_S (default 450 s, under the 8 minutes allowed): every step runs under a
+# timeout cut from what is left, and 100 s stay reserved for the benchmark. Expected on an H200:
+# build ~1 min, tests ~1-2 min, benchmark < 1 min.
+#
+#   bash benchmarks/gpu_check.sh            # from anywhere; works in the repository root
+#   OUT=/some/dir bash benchmarks/gpu_check.sh
+set -uo pipefail  # not -e: a failing step is recorded and the next one still runs
+export PYTHONUNBUFFERED=1
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+OUT_DIR="${OUT:-./gpu_results}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+PY="${PYTHON:-python3}"
+T0=$(date +%s)
+
+BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
+BENCH_RESERVE_S=100
+
+log() { echo "[gpu_check $(($(date +%s) - T0))s] $*"; }
+left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+cap() {  # cap MAX RESERVE: seconds a step may take: at most MAX, keeping RESERVE for later steps
+  local t=$(($(left) - $2))
+  [ "$t" -gt "$1" ] && t=$1
+  [ "$t" -lt 10 ] && t=10
+  echo "$t"
+}
+
+# --- CUDA_HOME: the folder holding bin/nvcc and include/cuda_runtime.h (nvcc may be a wrapper script)
+is_toolkit() { [ -n "${1:-}" ] && [ -x "$1/bin/nvcc" ] && [ -f "$1/include/cuda_runtime.h" ]; }
+resolve_cuda_home() {
+  local cand nvcc real
+  for cand in "${CUDA_HOME:-}" "${CUDA_PATH:-}"; do
+    if is_toolkit "$cand"; then echo "$cand"; return 0; fi
+  done
+  if nvcc="$(command -v nvcc 2>/dev/null)"; then
+    real="$(readlink -f "$nvcc")"
+    cand="$(dirname "$(dirname "$real")")"
+    if is_toolkit "$cand"; then echo "$cand"; return 0; fi
+    # a wrapper such as: exec /usr/local/cuda-13.0/bin/nvcc "$@"
+    for cand in $(grep -ao '/[^ "'\'']*/bin/nvcc' "$real" 2>/dev/null | sed 's#/bin/nvcc$##'); do
+      if is_toolkit "$cand"; then echo "$cand"; return 0; fi
+    done
+  fi
+  for cand in $(ls -d /usr/local/cuda* 2>/dev/null | sort -r); do
+    if is_toolkit "$cand"; then echo "$cand"; return 0; fi
+  done
+  return 1
+}
+
+if CUDA_HOME="$(resolve_cuda_home)"; then
+  export CUDA_HOME
+  export PATH="$CUDA_HOME/bin:$PATH"
+else
+  log "no CUDA toolkit found (set CUDA_HOME); the build will fail"
+  unset CUDA_HOME
+fi
+
+# --- environment
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "host: $(hostname)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+  echo "CUDA_HOME: ${CUDA_HOME:-none}"
+  "${CUDA_HOME:-/nonexistent}/bin/nvcc" --version 2>&1 | tail -2
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm --format=csv 2>&1 || true
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| torch CUDA', torch.version.cuda, '| GPU', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
+  "$PY" -c "import pytest; print('pytest', pytest.__version__)" 2>&1 | tail -1
+  "$PY" -c "import torchvision; print('torchvision', torchvision.__version__)" 2>&1 | tail -1
+} > "$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+
+# --- 1. build (in place, sm_90 only)
+log "building (SEGCLIP_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0)"
+mkdir -p segclip  # build_ext --inplace copies the libraries there (missing before the Python package lands)
+B0=$(date +%s)
+SEGCLIP_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  timeout "$(cap 240 $((BENCH_RESERVE_S + 60)))" "$PY" setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1
+BUILD_RC=$?
+BUILD_S=$(($(date +%s) - B0))
+grep -E "^  [A-Za-z_ ]+ += " "$OUT_DIR/build.log" || true
+grep -iE "warning|error" "$OUT_DIR/build.log" | grep -v "Wunknown-pragmas\|pragma unroll" | tail -20 || true
+log "build rc=$BUILD_RC in ${BUILD_S}s ($(ls segclip/_C*.so 2>/dev/null | xargs -n1 basename 2>/dev/null | tr '\n' ' '))"
+
+# --- 2. tests
+summary_of() {  # the last pytest summary line of a log, e.g. "40 passed, 2 skipped in 12.3s"
+  grep -E "^=*.*( passed| failed| error| skipped| no tests ran).*=*$" "$1" 2>/dev/null | tail -1 | sed 's/=//g; s/^ *//; s/ *$//'
+}
+TEST_RC=125; OTHER_RC=125
+if [ "$BUILD_RC" -eq 0 ] && "$PY" -c "import pytest" 2>/dev/null; then
+  log "tests/test_cuda.py"
+  timeout "$(cap 240 $BENCH_RESERVE_S)" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py \
+    --junitxml="$OUT_DIR/test_cuda.xml" 2>&1 | tee "$OUT_DIR/test_cuda.log" | tail -25
+  TEST_RC=${PIPESTATUS[0]}
+  OTHERS=$(ls tests/test_*.py 2>/dev/null | grep -v "tests/test_cuda.py" || true)
+  if [ -n "$OTHERS" ] && [ "$(left)" -gt $((BENCH_RESERVE_S + 40)) ]; then
+    log "other tests (time-boxed: $(cap 120 $BENCH_RESERVE_S)s)"
+    # shellcheck disable=SC2086
+    timeout "$(cap 120 $BENCH_RESERVE_S)" "$PY" -m pytest -q -p no:cacheprovider $OTHERS -x \
+      --junitxml="$OUT_DIR/test_others.xml" > "$OUT_DIR/test_others.log" 2>&1
+    OTHER_RC=$?
+    tail -5 "$OUT_DIR/test_others.log"
+  fi
+else
+  log "tests skipped (build failed or pytest missing)"
+fi
+
+# --- 3. benchmark
+BENCH_RC=125
+if [ "$BUILD_RC" -eq 0 ]; then
+  log "benchmarks/gpu_bench.py"
+  timeout "$(cap 240 5)" "$PY" benchmarks/gpu_bench.py --out "$OUT_DIR/gpu_bench.json" 2>&1 | tee "$OUT_DIR/gpu_bench.log"
+  BENCH_RC=${PIPESTATUS[0]}
+fi
+
+TOTAL_S=$(($(date +%s) - T0))
+TEST_SUMMARY="$(summary_of "$OUT_DIR/test_cuda.log")"
+OTHER_SUMMARY="$(summary_of "$OUT_DIR/test_others.log")"
+"$PY" - "$OUT_DIR" "$BUILD_RC" "$BUILD_S" "$TEST_RC" "$TEST_SUMMARY" "$OTHER_RC" "$OTHER_SUMMARY" "$BENCH_RC" "$TOTAL_S" <<'EOF'
+import json, sys
+out, build_rc, build_s, test_rc, test_sum, other_rc, other_sum, bench_rc, total_s = sys.argv[1:]
+result = {"build": {"rc": int(build_rc), "seconds": int(build_s)},
+          "test_cuda": {"rc": int(test_rc), "summary": test_sum},
+          "other_tests": {"rc": int(other_rc), "summary": other_sum},
+          "bench": {"rc": int(bench_rc), "json": "gpu_bench.json"}, "total_seconds": int(total_s)}
+with open(f"{out}/gpu_check.json", "w") as f:
+    json.dump(result, f, indent=2)
+EOF
+
+# --- the short table, last
+status() { case "$1" in 0) echo ok ;; 125) echo "not run" ;; 124) echo "TIMEOUT" ;; *) echo "FAILED (rc $1)" ;; esac; }
+echo
+echo "================ segclip gpu_check (${TOTAL_S}s, results in $OUT_DIR) ================"
+printf "%-18s %-16s %s\n" "build (sm_90)" "$(status "$BUILD_RC")" "${BUILD_S}s"
+printf "%-18s %-16s %s\n" "test_cuda.py" "$(status "$TEST_RC")" "$TEST_SUMMARY"
+printf "%-18s %-16s %s\n" "other tests" "$(status "$OTHER_RC")" "$OTHER_SUMMARY"
+printf "%-18s %-16s %s\n" "gpu_bench.py" "$(status "$BENCH_RC")" ""
+if [ -f "$OUT_DIR/gpu_bench_table.txt" ] && [ "$BENCH_RC" -eq 0 ]; then
+  cat "$OUT_DIR/gpu_bench_table.txt"
+fi
+[ "$BUILD_RC" -eq 0 ] && [ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]

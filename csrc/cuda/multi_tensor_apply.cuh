@@ -1,0 +1,183 @@
+// segclip's multi-tensor apply: runs one kernel over the chunks of a list of tensors in as few
+// launches as possible. Plain C++, host and device: module.cpp reads the sizes, and
+// csrc/cuda/test/multi_tensor_apply_test.cpp runs the chunking (multi_tensor_apply, block_chunk,
+// VecSplit) on the host without a GPU. What a block's threads do with its chunk:
+// multi_tensor_math.cuh; the kernels: multi_tensor_kernels.cu.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__CUDACC__)
+#define SEGCLIP_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SEGCLIP_HOST_DEVICE inline
+#endif
+#if defined(__CUDA_ARCH__)  // host compilers do not know the pragma (-Wunknown-pragmas)
+#define SEGCLIP_UNROLL _Pragma("unroll")
+#else
+#define SEGCLIP_UNROLL
+#endif
+
+namespace segclip {
+namespace cuda {
+
+// NOTE: [CUDA chunking and launches]
+// Every tensor is cut into chunks of kChunkElems elements (its last chunk may be shorter); one
+// thread block processes one chunk of one tensor. A launch describes its work in a TensorListMeta
+// passed by value as the kernel argument (no host-to-device copy, nothing to keep alive, and a CUDA
+// graph captures it with the kernel node):
+//   * a tensor table of up to kMaxTensors entries (address, element count, dtype, first block), and
+//   * a block table of up to kMaxBlocks entries: blockIdx.x -> tensor table index. A block's chunk
+//     within its tensor is blockIdx.x - first_block[tensor], so the block table needs one byte.
+// The host walks the list in order and adds each tensor's chunks; when either table is full the
+// launch goes out and a new one starts. A tensor whose chunks do not all fit is cut at a chunk
+// boundary: its entry in the next launch starts at the first chunk not yet launched (the address is
+// advanced, the element count reduced), so every chunk is launched exactly once.
+// Zero-element tensors have no chunk and take no table entry, wherever they sit in the list; the
+// last launch goes out after the loop whenever it holds any block, so an empty tensor at the end
+// never drops the final launch. Addresses, element counts and offsets are 64-bit throughout
+// (a tensor of more than 2^31 elements works); only indices inside one chunk are 32-bit.
+// Table sizes: 19 bytes per tensor entry, 1 per block entry, within the 4 KiB of kernel arguments.
+// 100 tensors keep a model of up to 200 parameter tensors (the torchvision segmentation models,
+// BERT-base) at two launches per op; 2048 blocks (512 MiB of float32 per launch) keep large lists at
+// few launches (2 GiB: 4), since every launch boundary drains and refills the GPU.
+// Blocks are numbered across launches in list order (launch k's first block is the number of
+// blocks launched before it): the norm writes block b's partial to slot b,
+// see note: [last-block reduction].
+constexpr int64_t kChunkElems = int64_t{1} << 16;  // elements per chunk (a multiple of every vector width)
+constexpr int kMaxTensors = 100;                   // tensor table entries per launch (block table holds uint8)
+constexpr int kMaxBlocks = 2048;                   // block table entries (= blocks) per launch
+constexpr int kBlockThreads = 512;                 // threads per block
+constexpr int kILP = 4;                            // independent 16-byte loads (and accumulators) per thread
+constexpr int kVecBytes = 16;                      // bytes per vectorised load/store
+
+// The element types the kernels take; the values are what the device code switches on.
+enum class DType : uint8_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+
+SEGCLIP_HOST_DEVICE int64_t elem_size(DType d) {
+  switch (d) {
+    case DType::kHalf:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat: return 4;
+    case DType::kDouble: return 8;
+  }
+  return 0;
+}
+
+// One dense tensor as the apply sees it: numel elements of dtype, flat in memory from ptr.
+struct TensorPiece {
+  void* ptr;
+  int64_t numel;
+  DType dtype;
+};
+
+struct TensorListMeta {
+  void* ptr[kMaxTensors];             // address of the entry's first chunk in this launch
+  int64_t numel[kMaxTensors];         // elements from ptr to the tensor's end
+  uint16_t first_block[kMaxTensors];  // block processing the entry's first chunk
+  DType dtype[kMaxTensors];
+  uint8_t block_tensor[kMaxBlocks];   // block -> tensor table index
+};
+
+static_assert(kMaxTensors <= 256, "block_tensor holds a tensor index in one byte");
+static_assert(kMaxBlocks <= 65535, "first_block holds a block index in 16 bits");
+static_assert(kChunkElems % (kVecBytes / 2) == 0, "a chunk keeps every vector width's alignment");
+static_assert(kChunkElems <= (int64_t{1} << 30), "in-chunk indices are 32-bit");
+// Kernel parameters are limited to 4 KiB (32 KiB only with CUDA >= 12.1 on Volta and newer; we stay
+// under 4 KiB everywhere); the kernels' other arguments fit in kMaxExtraParamBytes.
+constexpr int kMaxExtraParamBytes = 128;
+static_assert(sizeof(TensorListMeta) + kMaxExtraParamBytes <= 4096, "kernel arguments exceed 4 KiB");
+
+inline int64_t num_chunks(int64_t numel) { return (numel + kChunkElems - 1) / kChunkElems; }
+
+// Blocks (= chunks) over all launches of multi_tensor_apply(pieces, ...).
+inline int64_t count_blocks(const std::vector<TensorPiece>& pieces) {
+  int64_t blocks = 0;
+  for (const TensorPiece& p : pieces) blocks += num_chunks(p.numel);
+  return blocks;
+}
+
+// Calls launch(meta, n_blocks, first_block) once per launch, in list order, where first_block is the
+// number of blocks in earlier launches. See note: [CUDA chunking and launches].
+template <typename Launch>
+void multi_tensor_apply(const std::vector<TensorPiece>& pieces, Launch&& launch) {
+  TensorListMeta meta{};
+  int n_tensors = 0;
+  int n_blocks = 0;
+  int64_t first_block = 0;
+  auto flush = [&] {
+    launch(meta, n_blocks, first_block);
+    first_block += n_blocks;
+    n_tensors = 0;
+    n_blocks = 0;
+  };
+  for (const TensorPiece& piece : pieces) {
+    const int64_t chunks = num_chunks(piece.numel);  // 0 for an empty tensor: no entry at all
+    for (int64_t done = 0; done < chunks;) {
+      if (n_tensors == kMaxTensors || n_blocks == kMaxBlocks) flush();  // a table is full
+      const int64_t take = std::min<int64_t>(chunks - done, kMaxBlocks - n_blocks);
+      const int64_t offset = done * kChunkElems;  // elements already launched
+      meta.ptr[n_tensors] = static_cast<char*>(piece.ptr) + offset * elem_size(piece.dtype);
+      meta.numel[n_tensors] = piece.numel - offset;
+      meta.first_block[n_tensors] = static_cast<uint16_t>(n_blocks);
+      meta.dtype[n_tensors] = piece.dtype;
+      for (int64_t b = 0; b < take; ++b) meta.block_tensor[n_blocks++] = static_cast<uint8_t>(n_tensors);
+      ++n_tensors;
+      done += take;
+    }
+  }
+  if (n_blocks > 0) flush();  // after the loop: trailing empty tensors cannot drop it
+}
+
+// The chunk of block `block` of a launch (blockIdx.x in the kernels; host and device code, so the
+// chunking can be tested without a GPU: csrc/cuda/test/multi_tensor_apply_test.cpp).
+// Forced inline: `meta` is the kernel argument and must stay in parameter space, not be copied to
+// local memory.
+struct BlockChunk {
+  void* ptr;  // first element of the chunk
+  int len;    // elements in the chunk, 1..kChunkElems
+  DType dtype;
+};
+
+SEGCLIP_HOST_DEVICE BlockChunk block_chunk(const TensorListMeta& meta, int64_t block) {
+  const int t = meta.block_tensor[block];
+  const int64_t offset = (block - meta.first_block[t]) * kChunkElems;
+  const DType dtype = meta.dtype[t];
+  const int64_t left = meta.numel[t] - offset;
+  BlockChunk c;
+  c.ptr = static_cast<char*>(meta.ptr[t]) + offset * elem_size(dtype);
+  c.len = static_cast<int>(left < kChunkElems ? left : kChunkElems);
+  c.dtype = dtype;
+  return c;
+}
+
+// How a chunk splits into a scalar head (elements before the first 16-byte-aligned address), whole
+// 16-byte vectors, and a scalar tail. Every chunk of a tensor has the alignment of the tensor's data
+// pointer (kChunkElems is a multiple of every vector width), so a misaligned view (x[1:]) costs only
+// a few scalar elements per chunk and the rest stays vectorised.
+struct VecSplit {
+  int head;  // scalar elements first (< elements per vector)
+  int nvec;  // whole vectors after the head
+  int tail;  // index (from the chunk's start) of the first element after the vectors
+  SEGCLIP_HOST_DEVICE VecSplit(const void* p, int elem_bytes, int len) {
+    const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(p) % kVecBytes);
+    int h = misalign == 0 ? 0 : (kVecBytes - misalign) / elem_bytes;
+    if (misalign % elem_bytes != 0) h = len;  // not even element-aligned: all scalar
+    head = h < len ? h : len;
+    nvec = (len - head) / (kVecBytes / elem_bytes);
+    tail = head + nvec * (kVecBytes / elem_bytes);
+  }
+};
+
+// 16 bytes of elements, loaded and stored as one vector.
+template <typename S>
+struct alignas(kVecBytes) Pack {
+  static constexpr int kSize = kVecBytes / static_cast<int>(sizeof(S));
+  S v[kSize];
+};
+
+
+}  // namespace cuda
+}  // namespace segclip

@@ -1,0 +1,190 @@
+// CUDA kernels for segclip's ops, ATen side: argument checks, outputs, scratch memory, device guard and
+// stream; the kernels themselves are in multi_tensor_kernels.cu. The op schemas and the op contract:
+// csrc/segclip.cpp, see note: [op contract]. Same semantics as csrc/cpu/multi_tensor_cpu.cpp.
+//
+// Nothing here synchronises with the host or reads a device value on the host, so the ops can be
+// captured in a CUDA graph: outputs and scratch come from the caching allocator, work goes to the
+// current stream.
+//
+// Per-operator ATen headers instead of ATen/ATen.h (which declares every op): halves this file's
+// compile time. TORCH_ASSERT_ONLY_METHOD_OPERATORS makes a missing ops/ include a compile error.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/clamp_max.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "multi_tensor_kernels.h"
+
+namespace segclip {
+namespace cuda {
+namespace {
+
+NormKind norm_kind(double norm_type) {
+  if (norm_type == 2.0) return NormKind::kL2;
+  if (norm_type == 1.0) return NormKind::kL1;
+  if (std::isinf(norm_type) && norm_type > 0) return NormKind::kLinf;
+  TORCH_CHECK(false, "segclip kernels support norm_type 1, 2 and inf, got ", norm_type,
+              " (segclip.total_norm and segclip.fused_clip_ handle other norm types through PyTorch)");
+}
+
+std::optional<DType> to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat;
+    case at::kDouble: return DType::kDouble;
+    default: return std::nullopt;
+  }
+}
+
+// A tensor whose elements fill exactly [data_ptr, data_ptr + numel) in some order (contiguous,
+// channels_last, transposed, ...) is processed as one flat array, as in the CPU kernel.
+bool is_flat(const at::Tensor& t) { return t.is_contiguous() || t.is_non_overlapping_and_dense(); }
+
+// Checks every tensor (all errors are RuntimeErrors naming the index) and returns their device, which
+// every tensor must be on: `expected` when given (the scale's coef device), else the device of the
+// first CUDA tensor. Nothing has been queued or written when a check fails.
+at::Device check_tensors(at::TensorList tensors, const char* op, std::optional<at::Device> expected = std::nullopt) {
+  std::string ref_name = "coef";
+  if (!expected.has_value()) {
+    for (size_t i = 0; i < tensors.size() && !expected.has_value(); ++i) {
+      TORCH_CHECK(tensors[i].defined(), op, ": tensors[", i, "] is undefined");
+      if (tensors[i].is_cuda()) {
+        expected = tensors[i].device();
+        ref_name = "tensors[" + std::to_string(i) + "]";
+      }
+    }
+    TORCH_CHECK(expected.has_value(), op, ": the CUDA kernel got no CUDA tensor (tensors[0] is on ",
+                tensors[0].device(), ")");
+  }
+  const at::Device device = *expected;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.defined(), op, ": tensors[", i, "] is undefined");
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] has layout ", t.layout(),
+                "; only strided (dense) tensors are supported");
+    TORCH_CHECK(t.device() == device, op, ": tensors[", i, "] is on ", t.device(), " but ", ref_name, " is on ",
+                device, "; all tensors must be on one CUDA device");
+    TORCH_CHECK(to_dtype(t.scalar_type()).has_value(), op, ": tensors[", i, "] has dtype ", t.scalar_type(),
+                "; supported: float32, float64, float16, bfloat16");
+  }
+  return device;
+}
+
+// NOTE: [CUDA non-dense tensors]
+// A tensor with gaps or overlaps in memory (x[:, ::2], an expanded view) cannot be processed as a
+// flat array. The norm reads a packed copy (t.contiguous(), queued on the current stream; the
+// caching allocator keeps its memory from being reused before the kernel has read it). The scale
+// runs t.mul_(min(coef, 1)) on the original tensor, in place, after the fused pass: no copy is
+// scaled and thrown away. The min (clamp_max, which keeps NaN) makes coef >= 1 a multiplication by
+// exactly 1, as the fused kernel's "nothing to clip". A view with internal overlap (expanded) is
+// refused before anything is queued (mul_ would refuse it after the fused pass had written).
+// Two differences from the fused kernel remain, both ATen's behaviour for mul_ with a 0-dim CUDA
+// tensor: the coefficient is rounded to the tensor's dtype before the multiply (only matters for
+// float16/bfloat16: up to 2^-9 relative), and the tensor is written even when coef >= 1 (with the
+// same values; a NaN may come back with another payload).
+std::tuple<at::Tensor, at::Tensor> norm_impl(at::TensorList tensors, double norm_type,
+                                             std::optional<double> max_norm, const char* op) {
+  TORCH_CHECK(!tensors.empty(), op, ": expected a non-empty list of tensors");
+  const NormKind kind = norm_kind(norm_type);
+  const at::Device device = check_tensors(tensors, op);
+  c10::cuda::CUDAGuard guard(device);
+
+  bool out_double = false;
+  std::vector<at::Tensor> packed;  // keeps the copies of non-dense tensors alive until queued
+  std::vector<TensorPiece> pieces;
+  pieces.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    out_double |= t.scalar_type() == at::kDouble;
+    const DType dtype = *to_dtype(t.scalar_type());
+    if (t.numel() == 0) continue;
+    if (is_flat(t)) {
+      pieces.push_back({const_cast<void*>(t.const_data_ptr()), t.numel(), dtype});
+    } else {  // see note: [CUDA non-dense tensors]
+      packed.push_back(t.contiguous());
+      pieces.push_back({const_cast<void*>(packed.back().const_data_ptr()), t.numel(), dtype});
+    }
+  }
+
+  const auto out_options = tensors[0].options().device(device).dtype(out_double ? at::kDouble : at::kFloat);
+  at::Tensor norm = at::empty({}, out_options);
+  at::Tensor coef = max_norm.has_value() ? at::empty({}, out_options) : at::Tensor();
+  const int64_t scratch_bytes = norm_scratch_bytes(count_blocks(pieces));
+  at::Tensor scratch;  // freed on return: the caching allocator orders its reuse after the kernels
+  if (scratch_bytes > 0) scratch = at::empty({scratch_bytes}, out_options.dtype(at::kByte));
+  // Queues a memset and the launches; the last block writes norm and coef,
+  // see note: [last-block reduction] (multi_tensor_kernels.cu).
+  launch_multi_tensor_norm(kind, pieces, scratch_bytes > 0 ? scratch.mutable_data_ptr() : nullptr,
+                           norm.mutable_data_ptr(), coef.defined() ? coef.mutable_data_ptr() : nullptr,
+                           max_norm.value_or(0.0), out_double, c10::cuda::getCurrentCUDAStream(device.index()));
+  return {norm, coef};
+}
+
+at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, double norm_type) {
+  return std::get<0>(norm_impl(tensors, norm_type, std::nullopt, "segclip::multi_tensor_norm"));
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_coef_cuda(at::TensorList tensors, double norm_type,
+                                                               double max_norm) {
+  return norm_impl(tensors, norm_type, max_norm, "segclip::multi_tensor_norm_coef");
+}
+
+void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
+  const char* op = "segclip::multi_tensor_scale_";
+  TORCH_CHECK(coef.defined() && coef.dim() == 0, op, ": coef must be a 0-dim tensor, got shape ",
+              coef.defined() ? coef.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(at::isFloatingType(coef.scalar_type()), op, ": coef must be floating point, got ",
+              coef.scalar_type());
+  TORCH_CHECK(coef.layout() == at::kStrided, op, ": coef has layout ", coef.layout(), "; expected strided");
+  TORCH_CHECK(coef.is_cuda(), op, ": coef is on ", coef.device(), "; expected it on the tensors' CUDA device");
+  const at::Device device = check_tensors(tensors, op, coef.device());
+  if (tensors.empty()) return;
+  c10::cuda::CUDAGuard guard(device);
+
+  // A float8 (or other) coefficient: converted on the device, no synchronisation.
+  const at::Tensor c = to_dtype(coef.scalar_type()).has_value() ? coef : coef.to(at::kFloat);
+  std::vector<TensorPiece> pieces;
+  std::vector<at::Tensor> strided;  // see note: [CUDA non-dense tensors]
+  pieces.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    if (t.numel() == 0) continue;
+    if (is_flat(t)) {
+      pieces.push_back({t.mutable_data_ptr(), t.numel(), *to_dtype(t.scalar_type())});
+    } else {
+      strided.push_back(t);
+    }
+  }
+  for (size_t i = 0; i < tensors.size(); ++i) {  // before anything is written
+    if (!tensors[i].numel() || is_flat(tensors[i])) continue;
+    TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, op, ": tensors[", i,
+                "] has internally overlapping memory (an expanded view?); it cannot be scaled in place");
+  }
+  // Reads coef on the device; writes nothing when coef >= 1, see note: [scale: nothing to clip].
+  launch_multi_tensor_scale(pieces, c.const_data_ptr(), *to_dtype(c.scalar_type()),
+                            c10::cuda::getCurrentCUDAStream(device.index()));
+  if (!strided.empty()) {  // see note: [CUDA non-dense tensors]
+    const at::Tensor at_most_one = at::clamp_max(c, 1.0);
+    for (at::Tensor& t : strided) t.mul_(at_most_one);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segclip, CUDA, m) {
+  m.impl("multi_tensor_norm", &multi_tensor_norm_cuda);
+  m.impl("multi_tensor_norm_coef", &multi_tensor_norm_coef_cuda);
+  m.impl("multi_tensor_scale_", &multi_tensor_scale_cuda);
+}
+
+}  // namespace cuda
+}  // namespace segclip

@@ -1,0 +1,219 @@
+// CUDA kernels for segclip's ops: the multi-tensor norm (with its final reduction and the clip
+// coefficient) and the multi-tensor scale. The op contract: csrc/segclip.cpp, see note: [op contract].
+// The ATen side (argument checks, outputs, scratch, streams): multi_tensor_cuda.cpp.
+//
+// Compile time: four kernels (three norm types + scale), each switching on the element type at run
+// time (one dtype per block, so the branch is uniform) instead of one template instance per dtype.
+#include "multi_tensor_kernels.h"
+#include "multi_tensor_math.cuh"
+
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace segclip {
+namespace cuda {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kBlockThreads / kWarpSize;
+static_assert(kBlockThreads % kWarpSize == 0 && kWarps <= kWarpSize, "block_reduce's second stage is one warp");
+// Minimum resident blocks per SM, i.e. register caps (65536 / (n * 512) per thread). Without one,
+// ptxas aims at 32 registers on sm_90 and spills in scale_kernel; with 3 (cap 40) the norm kernels
+// spill on sm_80. 2 blocks (1024 threads, 32 KiB of 16-byte loads in flight per SM) are plenty for
+// a memory-bound kernel. `-Xptxas -v`: 0 bytes spilled everywhere.
+constexpr int kNormMinBlocksPerSm = 2;
+constexpr int kScaleMinBlocksPerSm = 3;
+
+// NOTE: [CUDA determinism]
+// The norm is bitwise identical on every call with the same inputs:
+//   * chunk boundaries and the block -> chunk mapping depend only on the tensors' sizes,
+//     see note: [CUDA chunking and launches];
+//   * inside a block, each thread's elements and the order it accumulates them in are fixed by
+//     threadIdx.x, and the block's threads are combined by a fixed shuffle/shared-memory tree;
+//   * each block writes its partial to its own slot, and one block combines the slots in a fixed
+//     order, see note: [last-block reduction]. Which block is last varies from run to run, but it
+//     does the same arithmetic in the same order.
+// There are no floating-point atomics anywhere (the only atomic counts blocks).
+
+// Combines one value per thread; the result is valid in thread 0 only. Every thread of the block
+// must call it (it synchronises). Two calls with the same T need a __syncthreads() between them.
+template <NormKind K, typename T>
+__device__ __forceinline__ T block_reduce(T v) {
+  __shared__ T warp_vals[kWarps];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = combine<K>(v, __shfl_down_sync(0xffffffffu, v, offset));
+  }
+  if (lane == 0) warp_vals[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? warp_vals[lane] : T(0);  // 0 is the identity: all terms are >= 0 or NaN
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      v = combine<K>(v, __shfl_down_sync(0xffffffffu, v, offset));
+    }
+  }
+  return v;
+}
+
+// The calling block's partial: its chunk's sum of |x|^p, or max |x|. Valid in thread 0.
+template <NormKind K>
+__device__ __forceinline__ double block_partial(const TensorListMeta& meta) {
+  const BlockChunk c = block_chunk(meta, blockIdx.x);
+  switch (c.dtype) {  // uniform across the block
+    case DType::kHalf: return block_reduce<K>(thread_partial<K, HalfT>(c.ptr, c.len, threadIdx.x));
+    case DType::kBFloat16: return block_reduce<K>(thread_partial<K, BFloat16T>(c.ptr, c.len, threadIdx.x));
+    case DType::kFloat: return block_reduce<K>(thread_partial<K, FloatT>(c.ptr, c.len, threadIdx.x));
+    case DType::kDouble: break;
+  }
+  return block_reduce<K>(thread_partial<K, DoubleT>(c.ptr, c.len, threadIdx.x));
+}
+
+struct NormParams {
+  unsigned int* counter;  // blocks done over all launches; zeroed before the first launch
+  double* partials;       // one slot per block over all launches
+  void* norm_out;         // float or double (out_double)
+  void* coef_out;         // same dtype, or null: no coefficient
+  double max_norm;
+  int64_t first_block;    // this launch's first slot
+  int64_t total_blocks;   // blocks over all launches; 0: no element at all
+  bool out_double;
+};
+static_assert(sizeof(NormParams) <= kMaxExtraParamBytes, "see kMaxExtraParamBytes");
+
+// Run by the last block only: combines all slots in a fixed order, writes norm and coefficient.
+template <NormKind K>
+__device__ __forceinline__ void finalize(const NormParams& p) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < p.total_blocks; i += kBlockThreads) {
+    acc = combine<K>(acc, __ldcg(p.partials + i));  // L2, never a stale L1 line
+  }
+  acc = block_reduce<K>(acc);
+  if (threadIdx.x != 0) return;
+  const double total = K == NormKind::kL2 ? sqrt(acc) : acc;
+  if (p.out_double) {
+    *static_cast<double*>(p.norm_out) = total;
+    if (p.coef_out != nullptr) *static_cast<double*>(p.coef_out) = clip_coefficient(total, p.max_norm);
+  } else {
+    const float norm = static_cast<float>(total);
+    *static_cast<float*>(p.norm_out) = norm;
+    if (p.coef_out != nullptr) {
+      *static_cast<float*>(p.coef_out) = clip_coefficient(norm, static_cast<float>(p.max_norm));
+    }
+  }
+}
+
+// NOTE: [last-block reduction]
+// The norm needs every block's partial before it can finish, without a host synchronisation and
+// without a second pass over the data. Each block writes its partial (a double; for half/bfloat16/
+// float chunks it was accumulated in float and widens exactly) to slot first_block + blockIdx.x of
+// one buffer that spans all launches of the call, makes it visible device-wide (__threadfence), then
+// increments a counter. The block that brings the counter to total_blocks is the last one: every
+// other partial is visible to it, and it combines all slots (finalize) and writes the norm and the
+// coefficient. Launches of one call run in stream order, so the last block is in the last launch,
+// and the final step runs once per call whatever the number of launches.
+// The counter and the slots come from the caching allocator per call (the counter zeroed by a
+// cudaMemsetAsync on the same stream): no state survives a call, concurrent calls on different
+// streams cannot interfere, and both are capturable in a CUDA graph (memset node + kernel nodes).
+// When the list holds no element at all, one block runs finalize alone (norm 0).
+// Bitwise reproducible, see note: [CUDA determinism].
+template <NormKind K>
+__global__ void __launch_bounds__(kBlockThreads, kNormMinBlocksPerSm) norm_kernel(const TensorListMeta meta, const NormParams p) {
+  if (p.total_blocks > 0) {
+    __shared__ bool is_last;
+    const double partial = block_partial<K>(meta);
+    if (threadIdx.x == 0) {
+      p.partials[p.first_block + blockIdx.x] = partial;
+      __threadfence();  // the partial is visible device-wide before the count says so
+      const unsigned int done_before = atomicAdd(p.counter, 1u);
+      is_last = done_before == static_cast<unsigned int>(p.total_blocks - 1);
+    }
+    __syncthreads();  // also separates block_partial's and finalize's use of shared memory
+    if (!is_last) return;
+    __threadfence();  // acquire: read the other blocks' partials after seeing the count
+  }
+  finalize<K>(p);
+}
+
+__device__ __forceinline__ double load_coef(const void* coef, DType dtype) {
+  switch (dtype) {
+    case DType::kHalf: return __half2float(*static_cast<const __half*>(coef));
+    case DType::kBFloat16: return __bfloat162float(*static_cast<const __nv_bfloat16*>(coef));
+    case DType::kFloat: return *static_cast<const float*>(coef);
+    case DType::kDouble: break;
+  }
+  return *static_cast<const double*>(coef);
+}
+
+// NOTE: [scale: nothing to clip]
+// The coefficient is read from device memory by every block (it is usually the output of the norm
+// op just queued, so its value is unknown on the host). A block whose coefficient is >= 1 returns
+// before touching its chunk: a step that needs no clipping reads and writes no gradient, the whole
+// launch costs a few microseconds. NaN is not >= 1, so a NaN coefficient scales (to NaN), as torch.
+// The coefficient is read exactly (as double); tensors multiply by it converted to their op-math
+// type: double for double tensors, float otherwise.
+__global__ void __launch_bounds__(kBlockThreads, kScaleMinBlocksPerSm) scale_kernel(const TensorListMeta meta, const void* coef,
+                                                              DType coef_dtype) {
+  const double c = load_coef(coef, coef_dtype);
+  if (c >= 1.0) return;
+  const BlockChunk ch = block_chunk(meta, blockIdx.x);
+  switch (ch.dtype) {
+    case DType::kHalf: scale_chunk<HalfT>(ch.ptr, ch.len, static_cast<float>(c), threadIdx.x); return;
+    case DType::kBFloat16: scale_chunk<BFloat16T>(ch.ptr, ch.len, static_cast<float>(c), threadIdx.x); return;
+    case DType::kFloat: scale_chunk<FloatT>(ch.ptr, ch.len, static_cast<float>(c), threadIdx.x); return;
+    case DType::kDouble: scale_chunk<DoubleT>(ch.ptr, ch.len, c, threadIdx.x); return;
+  }
+}
+
+// One memset, then one launch per full table, see note: [CUDA chunking and launches].
+template <NormKind K>
+void launch_norm(const std::vector<TensorPiece>& pieces, NormParams p, cudaStream_t stream) {
+  if (p.total_blocks == 0) {  // no element: finalize alone
+    norm_kernel<K><<<1, kBlockThreads, 0, stream>>>(TensorListMeta{}, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  C10_CUDA_CHECK(cudaMemsetAsync(p.counter, 0, sizeof(unsigned int), stream));
+  multi_tensor_apply(pieces, [&](const TensorListMeta& meta, int n_blocks, int64_t first_block) {
+    p.first_block = first_block;
+    norm_kernel<K><<<n_blocks, kBlockThreads, 0, stream>>>(meta, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+void launch_multi_tensor_norm(NormKind kind, const std::vector<TensorPiece>& pieces, void* scratch,
+                              void* norm_out, void* coef_out, double max_norm, bool out_double,
+                              cudaStream_t stream) {
+  NormParams p{};
+  p.total_blocks = count_blocks(pieces);
+  TORCH_CHECK(p.total_blocks < int64_t{0xffffffff}, "segclip: too many chunks (", p.total_blocks, ")");
+  TORCH_CHECK(p.total_blocks == 0 || scratch != nullptr, "segclip: norm scratch missing");
+  p.counter = static_cast<unsigned int*>(scratch);
+  p.partials = reinterpret_cast<double*>(static_cast<char*>(scratch) + kScratchHeaderBytes);
+  p.norm_out = norm_out;
+  p.coef_out = coef_out;
+  p.max_norm = max_norm;
+  p.out_double = out_double;
+  switch (kind) {
+    case NormKind::kL1: launch_norm<NormKind::kL1>(pieces, p, stream); break;
+    case NormKind::kL2: launch_norm<NormKind::kL2>(pieces, p, stream); break;
+    case NormKind::kLinf: launch_norm<NormKind::kLinf>(pieces, p, stream); break;
+  }
+}
+
+void launch_multi_tensor_scale(const std::vector<TensorPiece>& pieces, const void* coef, DType coef_dtype,
+                               cudaStream_t stream) {
+  multi_tensor_apply(pieces, [&](const TensorListMeta& meta, int n_blocks, int64_t /*first_block*/) {
+    scale_kernel<<<n_blocks, kBlockThreads, 0, stream>>>(meta, coef, coef_dtype);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace cuda
+}  // namespace segclip

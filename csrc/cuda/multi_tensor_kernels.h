@@ -1,0 +1,39 @@
+// The interface between the ATen side (multi_tensor_cuda.cpp, compiled by the host compiler) and the
+// kernels (multi_tensor_kernels.cu, compiled by nvcc). Plain C++: no ATen in the .cu file keeps its
+// compile time short.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "multi_tensor_apply.cuh"
+
+namespace segclip {
+namespace cuda {
+
+enum class NormKind { kL1, kL2, kLinf };
+
+// Bytes of device scratch launch_multi_tensor_norm needs for total_blocks blocks: a counter, then
+// one double per block. See note: [last-block reduction].
+constexpr int64_t kScratchHeaderBytes = 16;
+inline int64_t norm_scratch_bytes(int64_t total_blocks) {
+  return total_blocks == 0 ? 0 : kScratchHeaderBytes + total_blocks * static_cast<int64_t>(sizeof(double));
+}
+
+// Queues the norm of all pieces on `stream`: writes the norm to *norm_out and, when coef_out is not
+// null, min(1, max_norm / (norm + 1e-6)) to *coef_out, both as double when out_double, else float.
+// scratch: norm_scratch_bytes(count_blocks(pieces)) bytes of device memory, 16-byte aligned, only
+// used by this call. Never synchronises with the host.
+void launch_multi_tensor_norm(NormKind kind, const std::vector<TensorPiece>& pieces, void* scratch,
+                              void* norm_out, void* coef_out, double max_norm, bool out_double,
+                              cudaStream_t stream);
+
+// Queues pieces *= *coef on `stream` (coef: one device value of coef_dtype); writes nothing when
+// *coef >= 1. Never synchronises with the host.
+void launch_multi_tensor_scale(const std::vector<TensorPiece>& pieces, const void* coef, DType coef_dtype,
+                               cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace segclip

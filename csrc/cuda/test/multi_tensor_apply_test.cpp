@@ -1,0 +1,191 @@
+// Host-only test of the multi-tensor apply's chunking (csrc/cuda/multi_tensor_apply.cuh): the launch
+// tables, block_chunk and VecSplit are the exact functions the kernels use, run here without a GPU
+// on fake addresses (nothing is dereferenced). Built and run by tests/test_cuda.py:
+//   c++ -std=c++17 -O1 -Wall -Werror -I csrc/cuda csrc/cuda/test/multi_tensor_apply_test.cpp
+// Not part of the extension (setup.py only compiles csrc/cuda/*.cpp). Prints "OK <cases>" on success.
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "multi_tensor_apply.cuh"
+
+using namespace segclip::cuda;
+
+namespace {
+
+int g_failures = 0;
+
+#define EXPECT(cond, ...)                                          \
+  do {                                                             \
+    if (!(cond)) {                                                 \
+      if (++g_failures <= 20) {                                    \
+        std::fprintf(stderr, "%s:%d: %s: ", __FILE__, __LINE__, #cond); \
+        std::fprintf(stderr, __VA_ARGS__);                         \
+        std::fprintf(stderr, "\n");                                \
+      }                                                            \
+    }                                                              \
+  } while (0)
+
+struct Spec {
+  int64_t numel;
+  DType dtype;
+  int misalign_elems;  // the data pointer is this many elements past a 256-byte boundary
+};
+
+// Runs multi_tensor_apply over fake tensors and checks that every chunk of every tensor is launched
+// exactly once, in list order, with the right address/length/dtype, within the table sizes.
+void check_apply(const std::vector<Spec>& specs, const char* name) {
+  std::vector<TensorPiece> pieces;
+  std::vector<uintptr_t> base;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    // Far apart (2^40 bytes) so any 64-bit tensor fits; never dereferenced.
+    const uintptr_t b = (uintptr_t{1} << 44) + (uintptr_t{i} << 40) +
+                        static_cast<uintptr_t>(specs[i].misalign_elems * elem_size(specs[i].dtype));
+    base.push_back(b);
+    pieces.push_back({reinterpret_cast<void*>(b), specs[i].numel, specs[i].dtype});
+  }
+  const int64_t expected_blocks = count_blocks(pieces);
+  int64_t seen_blocks = 0;
+  size_t cursor_tensor = 0;  // the next chunk expected, in list order
+  int64_t cursor_chunk = 0;
+  auto advance_cursor = [&] {
+    while (cursor_tensor < specs.size() && cursor_chunk >= num_chunks(specs[cursor_tensor].numel)) {
+      ++cursor_tensor;
+      cursor_chunk = 0;
+    }
+  };
+  advance_cursor();
+  int launches = 0;
+  multi_tensor_apply(pieces, [&](const TensorListMeta& meta, int n_blocks, int64_t first_block) {
+    ++launches;
+    EXPECT(n_blocks > 0 && n_blocks <= kMaxBlocks, "%s: launch with %d blocks", name, n_blocks);
+    EXPECT(first_block == seen_blocks, "%s: first_block %lld, expected %lld", name, (long long)first_block,
+           (long long)seen_blocks);
+    int prev_t = -1;
+    for (int b = 0; b < n_blocks; ++b) {
+      const int t = meta.block_tensor[b];
+      EXPECT(t < kMaxTensors, "%s: tensor index %d", name, t);
+      EXPECT(t == prev_t || t == prev_t + 1, "%s: block %d jumps from entry %d to %d", name, b, prev_t, t);
+      if (t != prev_t) EXPECT(meta.first_block[t] == b, "%s: first_block[%d] = %d, block %d", name, t,
+                              meta.first_block[t], b);
+      prev_t = t;
+      const BlockChunk c = block_chunk(meta, b);
+      if (cursor_tensor >= specs.size()) {
+        EXPECT(false, "%s: more blocks than chunks", name);
+        return;
+      }
+      const Spec& s = specs[cursor_tensor];
+      const int64_t es = elem_size(s.dtype);
+      const uintptr_t expect_ptr = base[cursor_tensor] + static_cast<uintptr_t>(cursor_chunk * kChunkElems * es);
+      const int64_t left = s.numel - cursor_chunk * kChunkElems;
+      const int64_t expect_len = left < kChunkElems ? left : kChunkElems;
+      EXPECT(reinterpret_cast<uintptr_t>(c.ptr) == expect_ptr, "%s: tensor %zu chunk %lld: wrong address", name,
+             cursor_tensor, (long long)cursor_chunk);
+      EXPECT(c.len == expect_len, "%s: tensor %zu chunk %lld: len %d, expected %lld", name, cursor_tensor,
+             (long long)cursor_chunk, c.len, (long long)expect_len);
+      EXPECT(c.dtype == s.dtype, "%s: tensor %zu: wrong dtype", name, cursor_tensor);
+      ++cursor_chunk;
+      advance_cursor();
+    }
+    EXPECT(prev_t + 1 <= kMaxTensors, "%s: %d tensor entries", name, prev_t + 1);
+    seen_blocks += n_blocks;
+  });
+  EXPECT(seen_blocks == expected_blocks, "%s: %lld blocks launched, %lld chunks", name, (long long)seen_blocks,
+         (long long)expected_blocks);
+  EXPECT(cursor_tensor == specs.size(), "%s: chunks of tensor %zu never launched", name, cursor_tensor);
+  EXPECT((launches == 0) == (expected_blocks == 0), "%s: %d launches for %lld blocks", name, launches,
+         (long long)expected_blocks);
+}
+
+void check_vec_split() {
+  for (int es : {2, 4, 8}) {
+    const int per_vec = kVecBytes / es;
+    for (int mis = 0; mis < kVecBytes; mis += es) {
+      for (int len : {0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 100, int(kChunkElems) - 1, int(kChunkElems)}) {
+        const uintptr_t addr = (uintptr_t{1} << 40) + static_cast<uintptr_t>(mis);
+        const VecSplit s(reinterpret_cast<const void*>(addr), es, len);
+        EXPECT(s.head >= 0 && s.head <= len && s.head < per_vec, "es %d mis %d len %d: head %d", es, mis, len, s.head);
+        EXPECT(s.tail == s.head + s.nvec * per_vec && s.tail <= len, "es %d mis %d len %d: tail %d", es, mis, len,
+               s.tail);
+        EXPECT(len - s.tail < per_vec, "es %d mis %d len %d: %d scalar tail elements", es, mis, len, len - s.tail);
+        if (s.nvec > 0) EXPECT((addr + static_cast<uintptr_t>(s.head * es)) % kVecBytes == 0,
+                               "es %d mis %d len %d: vectors misaligned", es, mis, len);
+        if (len >= per_vec + s.head && len - s.head >= per_vec) EXPECT(s.nvec > 0, "es %d mis %d len %d: no vectors", es, mis, len);
+      }
+    }
+  }
+  // Not even element-aligned: all scalar.
+  const VecSplit odd(reinterpret_cast<const void*>(uintptr_t{1001}), 4, 100);
+  EXPECT(odd.head == 100 && odd.nvec == 0 && odd.tail == 100, "odd address: head %d nvec %d", odd.head, odd.nvec);
+}
+
+}  // namespace
+
+int main() {
+  int cases = 0;
+  const int64_t C = kChunkElems;
+  auto run = [&](const std::vector<Spec>& specs, const char* name) {
+    check_apply(specs, name);
+    ++cases;
+  };
+  run({}, "empty list");
+  run({{0, DType::kFloat, 0}}, "one empty tensor");
+  run({{0, DType::kFloat, 0}, {0, DType::kHalf, 1}, {0, DType::kDouble, 0}}, "all empty");
+  run({{0, DType::kFloat, 0}, {5, DType::kFloat, 0}, {0, DType::kFloat, 0}, {C + 1, DType::kFloat, 1},
+       {0, DType::kFloat, 0}}, "empties first, middle, last");
+  run({{C - 1, DType::kFloat, 0}, {C, DType::kHalf, 0}, {C + 1, DType::kBFloat16, 3}, {1, DType::kDouble, 1}},
+      "chunk size +-1");
+  for (int64_t extra : {-1, 0, 1}) {
+    run({{(kMaxBlocks + extra) * C, DType::kFloat, 0}, {0, DType::kFloat, 0}}, "block table exactly full");
+    run({{7, DType::kFloat, 0}, {(kMaxBlocks + extra) * C - 3, DType::kHalf, 1}, {0, DType::kFloat, 0}},
+        "tensor cut at the block-table boundary");
+  }
+  {
+    std::vector<Spec> specs;
+    for (int i = 0; i < kMaxTensors; ++i) specs.push_back({i + 1, DType::kFloat, 0});
+    run(specs, "tensor table exactly full");
+    specs.push_back({0, DType::kFloat, 0});
+    run(specs, "tensor table full, then an empty tensor");
+    specs.push_back({3, DType::kDouble, 0});
+    run(specs, "tensor table full plus one");
+  }
+  {
+    std::vector<Spec> specs;  // > kMaxTensors tensors, > kMaxBlocks chunks, a tensor spanning 3 launches
+    for (int i = 0; i < 300; ++i) specs.push_back({(i % 7 == 0) ? 0 : (i * 977) % (3 * C), DType(i % 4), i % 8});
+    specs.insert(specs.begin() + 150, {3 * kMaxBlocks * C + 17, DType::kBFloat16, 1});
+    run(specs, "many tensors, several launches");
+  }
+  // More than 2^31 elements: 64-bit offsets.
+  run({{(int64_t{1} << 31) + 7, DType::kBFloat16, 0}}, "2^31 + 7 bfloat16");
+  run({{1, DType::kFloat, 0}, {int64_t{5} << 30, DType::kDouble, 1}, {3, DType::kHalf, 0}}, "5 * 2^30 float64");
+
+  std::mt19937_64 rng(1234);
+  for (int trial = 0; trial < 200; ++trial) {
+    std::vector<Spec> specs;
+    const int n = static_cast<int>(rng() % 400);
+    for (int i = 0; i < n; ++i) {
+      int64_t numel;
+      switch (rng() % 5) {
+        case 0: numel = 0; break;
+        case 1: numel = static_cast<int64_t>(rng() % 64); break;
+        case 2: numel = static_cast<int64_t>(rng() % (4 * C)); break;
+        case 3: numel = C * static_cast<int64_t>(rng() % 8) + static_cast<int64_t>(rng() % 3) - 1; break;
+        default: numel = static_cast<int64_t>(rng() % (int64_t{600} * C)); break;
+      }
+      if (numel < 0) numel = 0;
+      specs.push_back({numel, DType(rng() % 4), static_cast<int>(rng() % 8)});
+    }
+    check_apply(specs, "random");
+    ++cases;
+  }
+  check_vec_split();
+  ++cases;
+  if (g_failures > 0) {
+    std::fprintf(stderr, "FAILED: %d checks\n", g_failures);
+    return 1;
+  }
+  std::printf("OK %d\n", cases);
+  return 0;
+}

@@ -1,0 +1,82 @@
+"""Shared helpers: float64 oracles and gradient factories. Every test draws fresh random inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import segclip
+
+# Relative tolerances on the total norm against the float64 oracle (the issue's specification).
+NORM_RTOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+KERNEL_NORM_TYPES = (2.0, 1.0, math.inf)
+# Every kind of norm_type torch accepts: the kernel ones and the ones PyTorch computes for us.
+OTHER_NORM_TYPES = (0.0, 0.5, 3.0, -math.inf, -1.0)
+
+HAS_CPU_KERNEL = segclip.backends()["cpu"].available
+needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="segclip._C (CPU kernels) not built")
+# The backends that can handle CPU gradients here.
+CPU_BACKENDS = ("cpu", "torch") if HAS_CPU_KERNEL else ("torch",)
+
+
+def oracle_norm(tensors, norm_type: float) -> float:
+    """torch.nn.utils.get_total_norm's definition, in float64 on the CPU: the norm of the per-tensor
+    norms (for norm_type 0 that counts tensors, not elements, as torch does). Empty tensors are
+    skipped (torch raises for the inf norm of an empty tensor; segclip documents that it skips them)."""
+    norms = []
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        t = t.detach().to("cpu")
+        if t.layout == torch.sparse_coo:
+            t = t.coalesce().values()
+        norms.append(torch.linalg.vector_norm(t.to(torch.complex128 if t.is_complex() else torch.float64),
+                                              norm_type))
+    if not norms:
+        return 0.0
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type).item()
+
+
+def oracle_coef(total: float, max_norm: float) -> float:
+    coef = max_norm / (total + 1e-6)
+    return coef if math.isnan(coef) else min(coef, 1.0)
+
+
+def rel_err(value: float, ref: float) -> float:
+    if math.isnan(ref) or math.isnan(value):
+        return 0.0 if (math.isnan(ref) and math.isnan(value)) else math.inf
+    if math.isinf(ref) or math.isinf(value):
+        return 0.0 if value == ref else math.inf
+    return abs(value - ref) / max(abs(ref), 1e-300)
+
+
+def assert_norm_close(value, ref: float, rtol: float) -> None:
+    value = float(value)
+    err = rel_err(value, ref)
+    assert err <= rtol, f"norm {value!r} vs float64 reference {ref!r}: relative error {err:.3g} > {rtol:g}"
+
+
+def assert_clipped_close(clipped: torch.Tensor, original: torch.Tensor, coef: float, rtol: float) -> None:
+    """Clipped values against the float64 product rounded to the tensor's dtype, norm-wise."""
+    expected = (original.double() * coef).to(original.dtype).double()
+    got = clipped.double()
+    assert got.shape == expected.shape
+    denom = expected.norm().item()
+    if denom == 0:
+        assert bool((got == 0).all())
+        return
+    err = (got - expected).norm().item() / denom
+    assert err <= rtol, f"clipped gradients differ from the float64 reference by {err:.3g} (> {rtol:g})"
+
+
+def make_params(shapes, dtype=torch.float32, scale=1.0, generator=None):
+    """Parameters with random gradients (fresh each call), returned with copies of the gradients."""
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+        p.grad = (torch.randn(shape, dtype=torch.float64, generator=generator) * scale).to(dtype)
+        params.append(p)
+    return params, [p.grad.clone() for p in params]

@@ -1,0 +1,662 @@
+"""Tests of segclip's CUDA kernels (csrc/cuda/), called directly through ``torch.ops.segclip.*``.
+
+Without a GPU (CI): the CUDA library was built and loads, its kernels are registered, its argument
+checks run (by redispatching to the CUDA key), and the chunking / per-thread index logic is checked
+by two host programs compiled from csrc/cuda/test/. With a GPU (``-m cuda`` or just run it there):
+results against float64 CPU references on fresh random inputs, determinism, no host
+synchronisation, CUDA graphs, opcheck, a tensor of more than 2^31 elements.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "segclip"
+INF = math.inf
+NORM_TYPES = (1.0, 2.0, INF)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Relative tolerance of a norm against the float64 reference, by the least precise dtype in the list.
+RTOL = {torch.float16: 1e-3, torch.bfloat16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-12}
+OPMATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
+          torch.float64: torch.float64}
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the build and the toolkit
+
+
+def _cuda_toolkit() -> str | None:
+    """The CUDA toolkit root, resolved like setup.py (CUDA_HOME, the nvcc on PATH, /usr/local/cuda*)."""
+    def is_toolkit(root):
+        return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(root, "include", "cuda_runtime.h"))
+
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        return explicit if is_toolkit(explicit) else None
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:  # a wrapper script such as `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+            with open(real, "rb") as f:
+                head = f.read(4096).decode(errors="replace")
+            if head.startswith("#!"):
+                candidates += [w[: -len("/bin/nvcc")] for w in head.split() if w.endswith("/bin/nvcc")]
+        except OSError:
+            pass
+    candidates += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
+    return next((c for c in candidates if is_toolkit(c)), None)
+
+
+TOOLKIT = _cuda_toolkit()
+CPU_LIB = sorted(PKG.glob("_C.*.so")) + sorted(PKG.glob("_C.*.pyd"))
+CUDA_LIB = sorted(PKG.glob("_C_cuda.*.so")) + sorted(PKG.glob("_C_cuda.*.pyd"))
+CUDA_EXPECTED = (TOOLKIT is not None and torch.version.cuda is not None
+                 and os.environ.get("SEGCLIP_WITH_CUDA", "auto").strip().lower() != "0")
+
+
+def _why_no_cuda_lib() -> str | None:
+    if not CPU_LIB:
+        return "segclip is not built here (run `make build` or `python setup.py build_ext --inplace`)"
+    if TOOLKIT is None:
+        return "no CUDA toolkit here, so the CUDA library was not built"
+    if torch.version.cuda is None:
+        return "this torch has no CUDA support, so the CUDA library was not built"
+    if not CUDA_EXPECTED:
+        return "the CUDA library is switched off (SEGCLIP_WITH_CUDA=0)"
+    return None
+
+
+SKIP_REASON = _why_no_cuda_lib()
+if SKIP_REASON is None and CUDA_LIB:
+    import segclip._C  # noqa: E402,F401  (declares the schemas and the CPU kernels)
+    import segclip._C_cuda as C_cuda  # noqa: E402  (the CUDA kernels)
+else:
+    C_cuda = None
+
+needs_lib = pytest.mark.skipif(SKIP_REASON is not None or not CUDA_LIB,
+                               reason=SKIP_REASON or "segclip/_C_cuda was not built")
+HAS_GPU = torch.cuda.is_available()
+cuda = pytest.mark.cuda
+needs_gpu = [needs_lib, cuda, pytest.mark.skipif(not HAS_GPU, reason="no CUDA device visible")]
+
+
+def gpu_test(fn):
+    for mark in needs_gpu:
+        fn = mark(fn)
+    return fn
+
+
+ops = torch.ops.segclip
+CHUNK = C_cuda.CHUNK_ELEMS if C_cuda else 1 << 16
+MAX_TENSORS = C_cuda.MAX_TENSORS_PER_LAUNCH if C_cuda else 100
+MAX_BLOCKS = C_cuda.MAX_BLOCKS_PER_LAUNCH if C_cuda else 2048
+
+
+def _fakes_registered() -> bool:
+    """True when segclip/_ops.py (the Python package, written separately) registered the fakes."""
+    try:
+        import importlib.util
+        if importlib.util.find_spec("segclip._ops") is None:
+            return False
+        import segclip._ops  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison helpers
+
+
+def assert_rel_close(actual, expected, rtol: float, what: str = "") -> None:
+    """|actual - expected| <= rtol * |expected|; NaN must match NaN, inf must match inf exactly."""
+    a, e = float(actual), float(expected)
+    if math.isnan(e) or math.isinf(e):
+        assert (math.isnan(a) and math.isnan(e)) or a == e, f"{what}: got {a!r}, expected {e!r}"
+        return
+    assert math.isfinite(a), f"{what}: got {a!r}, expected {e!r}"
+    assert abs(a - e) <= rtol * abs(e), f"{what}: got {a!r}, expected {e!r} (rel. error {abs(a - e) / max(abs(e), 1e-300):.3g} > {rtol:g})"
+
+
+def ref_norm(tensors, norm_type: float) -> float:
+    """The norm of the concatenation, in float64 on the CPU, one tensor at a time."""
+    total = 0.0
+    for t in tensors:
+        x = t.detach().to("cpu", torch.float64).reshape(-1)
+        if x.numel() == 0:
+            continue
+        if norm_type == INF:
+            m = float(x.abs().max())  # torch.max propagates NaN
+            total = m if math.isnan(m) or math.isnan(total) else max(total, m)
+        else:
+            total += float(x.abs().pow(norm_type).sum())
+    return total if norm_type == INF else total ** (1.0 / norm_type)
+
+
+def rtol_for(tensors) -> float:
+    return max(RTOL[t.dtype] for t in tensors)
+
+
+def out_dtype(tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def ref_coef(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, max_norm / (norm + 1e-6)) in norm's dtype on the CPU (true division, NaN kept)."""
+    n = norm.cpu()
+    c = torch.full_like(n, max_norm) / (n + 1e-6)
+    return torch.where(torch.isnan(c), c, torch.clamp(c, max=1.0))
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit pattern (NaN-safe equality)."""
+    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.detach().contiguous().view(view)
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """c10's is_non_overlapping_and_dense: the elements fill [data_ptr, data_ptr + numel) exactly."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def expected_scaled(t: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """t * coef as the fused kernel computes it: in t's op-math type, rounded once."""
+    op = OPMATH[t.dtype]
+    c = coef.to(torch.float64).to(op)  # the kernel reads coef exactly, then converts
+    return (t.to(op) * c).to(t.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs (GPU)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """Fresh random inputs on every run; the seed is printed (pytest shows it for a failing test)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"torch.manual_seed({seed})")
+    torch.manual_seed(seed)
+
+
+def _rand(n, dtype, device, scale=1.0):
+    return (torch.randn(n, device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+def structural_tensors(dtype, device="cuda"):
+    """Every layout and boundary case in one list: empties first/middle/last, chunk size +-1,
+    misaligned views, transposed, channels_last, a non-dense view, 0-dim."""
+    C = CHUNK
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
+    return [
+        r(0),                                                  # empty, first
+        r(C - 1), r(C, scale=3.0), r(C + 1, scale=0.1),        # chunk size +-1
+        r(2 * C + 5)[1:],                                      # misaligned by one element
+        r(1003)[3:],                                           # misaligned, short
+        r(9)[1:],                                              # shorter than one vector
+        r(0),                                                  # empty, middle
+        r(300, 517).t(),                                       # transposed (dense, not contiguous)
+        r(6, 16, 9, 7).contiguous(memory_format=torch.channels_last),
+        r(64, 130, scale=2.0)[:, ::2],                         # non-dense view
+        r(()),                                                 # 0-dim
+        r(3, 0, 5),                                            # empty with a shape
+        r(1),
+        r(0),                                                  # empty, last
+    ]
+
+
+def many_tensors(dtype, device="cuda"):
+    """More tensors than one tensor table and more chunks than one block table (several launches),
+    with tensors cut across launches, empties between them, misaligned views, and magnitudes
+    spread over six orders."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))  # follows _fresh_seed
+    ts = []
+    n_small = MAX_TENSORS + 22
+    for i in range(n_small):
+        n = int(torch.randint(0, 3 * CHUNK // 2, (1,), generator=gen))
+        scale = 10.0 ** float(torch.empty(1).uniform_(-3, 3, generator=gen))
+        if i % 17 == 0:
+            n = 0
+        base = _rand(n + (i % 3), dtype, device, scale if dtype != torch.float16 else min(scale, 10.0))
+        ts.append(base[i % 3:])
+        if i == 10:
+            ts.append(_rand((MAX_BLOCKS // 2) * CHUNK + 17, dtype, device))
+        if i == 100:
+            ts.append(_rand((MAX_BLOCKS // 2 + 50) * CHUNK - 1, dtype, device))
+    ts.append(_rand(0, dtype, device))
+    return ts
+
+
+def chunks_of(tensors):
+    return sum((t.numel() + CHUNK - 1) // CHUNK for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Without a GPU
+
+
+def test_comparison_can_fail():
+    """The helpers these tests rely on do detect a wrong result."""
+    assert_rel_close(1.0 + 0.5e-6, 1.0, 1e-6)
+    for actual, expected, rtol in [(1.0 + 3e-6, 1.0, 1e-6), (float("nan"), 1.0, 1e-3), (1.0, float("nan"), 1e-3),
+                                   (1e300, float("inf"), 1e-3), (float("inf"), 1e300, 1e-3), (-1.0, 1.0, 1e-3)]:
+        with pytest.raises(AssertionError):
+            assert_rel_close(actual, expected, rtol)
+    x = [torch.randn(1000, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    ref = ref_norm(x, 2.0)
+    assert_rel_close(torch.linalg.vector_norm(torch.cat(x)), ref, 1e-12)
+    with pytest.raises(AssertionError):
+        assert_rel_close(ref * (1 + 1e-9), ref, RTOL[torch.float64])
+    assert not torch.equal(bits(torch.tensor([float("nan")])), bits(torch.tensor([1.0])))
+
+
+def test_cuda_library_built():
+    if not CPU_LIB:
+        pytest.skip(SKIP_REASON)
+    if not CUDA_EXPECTED:
+        pytest.skip(SKIP_REASON)
+    assert CUDA_LIB, (f"a CUDA toolkit is present ({TOOLKIT}) and torch has CUDA {torch.version.cuda}, "
+                      f"but segclip/_C_cuda*.so was not built")
+
+
+@needs_lib
+def test_import_without_gpu():
+    """The CUDA library loads on a machine without a GPU (here: with every GPU hidden)."""
+    code = ("import torch, segclip._C, segclip._C_cuda as m\n"
+            "assert not torch.cuda.is_available()\n"
+            "print(m.CHUNK_ELEMS)\n")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) == CHUNK
+
+
+@needs_lib
+@pytest.mark.parametrize("op", ["multi_tensor_norm", "multi_tensor_norm_coef", "multi_tensor_scale_"])
+def test_cuda_kernels_registered(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segclip::{op}", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segclip::{op}", "CPU")
+
+
+@needs_lib
+def test_module_sizes():
+    assert CHUNK > 0 and CHUNK % 8 == 0  # a chunk keeps 16-byte alignment for every dtype
+    assert 0 < MAX_TENSORS <= 256 and 0 < MAX_BLOCKS < 65536
+    assert C_cuda.BLOCK_THREADS % 32 == 0
+
+
+@needs_lib
+def test_argument_checks_without_gpu():
+    """The CUDA kernels' argument checks run (by redispatching CPU tensors to the CUDA key): clear
+    RuntimeErrors (what segclip.fused_clip_'s fast path catches), before anything is queued."""
+    ks = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    norm = ops.multi_tensor_norm.default
+    coef_op = ops.multi_tensor_norm_coef.default
+    scale = ops.multi_tensor_scale_.default
+    with pytest.raises(RuntimeError, match="norm_type 1, 2 and inf, got 3"):
+        norm.redispatch(ks, [torch.ones(3)], 3.0)
+    with pytest.raises(RuntimeError, match="norm_type 1, 2 and inf"):
+        coef_op.redispatch(ks, [torch.ones(3)], -INF, 1.0)
+    with pytest.raises(RuntimeError, match="non-empty list"):
+        norm.redispatch(ks, [], 2.0)
+    with pytest.raises(RuntimeError, match=r"no CUDA tensor \(tensors\[0\] is on cpu\)"):
+        norm.redispatch(ks, [torch.ones(3)], 2.0)
+    with pytest.raises(RuntimeError, match="0-dim"):
+        scale.redispatch(ks, [torch.ones(3)], torch.ones(2))
+    with pytest.raises(RuntimeError, match="floating point"):
+        scale.redispatch(ks, [torch.ones(3)], torch.tensor(1))
+    with pytest.raises(RuntimeError, match="coef is on cpu"):
+        scale.redispatch(ks, [torch.ones(3)], torch.tensor(0.5))
+
+
+def _compile_and_run(cmd, exe, tmp_path):
+    build = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, f"{' '.join(map(str, cmd))}\n{build.stdout}\n{build.stderr}"
+    run = subprocess.run([str(exe)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith("OK"), run.stdout
+
+
+def test_apply_chunking_on_host(tmp_path):
+    """multi_tensor_apply's launch tables and block_chunk (the code the kernels run), on the host:
+    every chunk launched once, in order, within the table sizes; empties anywhere; > 2^31 elements."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "multi_tensor_apply_test"
+    _compile_and_run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-I", "csrc/cuda",
+                      "csrc/cuda/test/multi_tensor_apply_test.cpp", "-o", str(exe)], exe, tmp_path)
+
+
+def test_thread_math_on_host(tmp_path):
+    """thread_partial / scale_chunk (the code the kernels run) for every thread index of a block,
+    on the host: each element read/written exactly once for every misalignment and length."""
+    if TOOLKIT is None:
+        pytest.skip("no CUDA toolkit (nvcc) here")
+    exe = tmp_path / "thread_math_test"
+    _compile_and_run([os.path.join(TOOLKIT, "bin", "nvcc"), "-std=c++17", "-O1", "-I", "csrc/cuda",
+                      "csrc/cuda/test/thread_math_test.cu", "-o", str(exe)], exe, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# With a GPU
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_norm_layouts(norm_type, dtype):
+    ts = structural_tensors(dtype)
+    got = ops.multi_tensor_norm(ts, norm_type)
+    assert got.dtype == out_dtype(ts) and got.shape == () and got.device == ts[1].device
+    assert_rel_close(got, ref_norm(ts, norm_type), RTOL[dtype], f"{dtype} p={norm_type}")
+    cpu = ops.multi_tensor_norm([t.cpu() for t in ts], norm_type)  # the CPU kernel agrees
+    assert_rel_close(got.cpu(), cpu, RTOL[dtype], "CPU kernel vs CUDA kernel")
+
+
+@gpu_test
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_norm_several_launches(norm_type):
+    ts = many_tensors(torch.float32)
+    assert len(ts) > max(MAX_TENSORS, 110) and chunks_of(ts) > max(MAX_BLOCKS, 320)
+    got, coef = ops.multi_tensor_norm_coef(ts, norm_type, 1.0)
+    ref = ref_norm(ts, norm_type)
+    assert_rel_close(got, ref, RTOL[torch.float32], f"p={norm_type}")
+    assert torch.equal(coef.cpu(), ref_coef(got, 1.0))
+    for _ in range(3):  # bitwise identical, call after call
+        again, coef_again = ops.multi_tensor_norm_coef(ts, norm_type, 1.0)
+        assert torch.equal(bits(again), bits(got)) and torch.equal(bits(coef_again), bits(coef))
+        assert torch.equal(bits(ops.multi_tensor_norm(ts, norm_type)), bits(got))
+
+
+@gpu_test
+def test_norm_several_launches_half_and_double():
+    for dtype in (torch.bfloat16, torch.float64):
+        ts = many_tensors(dtype)
+        got = ops.multi_tensor_norm(ts, 2.0)
+        assert_rel_close(got, ref_norm(ts, 2.0), RTOL[dtype], str(dtype))
+
+
+@gpu_test
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_mixed_dtypes(norm_type):
+    parts = {d: structural_tensors(d)[1:6] for d in DTYPES}
+    mixed = [t for i in range(5) for d in DTYPES for t in [parts[d][i]]]  # interleaved
+    got = ops.multi_tensor_norm(mixed, norm_type)
+    assert got.dtype == torch.float64
+    assert_rel_close(got, ref_norm(mixed, norm_type), 1e-3, "all four dtypes")
+    no_double = [t for t in mixed if t.dtype != torch.float64]
+    got = ops.multi_tensor_norm(no_double, norm_type)
+    assert got.dtype == torch.float32
+    assert_rel_close(got, ref_norm(no_double, norm_type), 1e-3, "half, bfloat16, float")
+    f32_f64 = [t for t in mixed if t.dtype in (torch.float32, torch.float64)]
+    assert_rel_close(ops.multi_tensor_norm(f32_f64, norm_type), ref_norm(f32_f64, norm_type), 1e-6, "float+double")
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norm_coef(dtype):
+    ts = structural_tensors(dtype)
+    ref = ref_norm(ts, 2.0)
+    for max_norm in (0.5 * ref, 10.0 * ref, 0.0, 1e-30):
+        norm, coef = ops.multi_tensor_norm_coef(ts, 2.0, max_norm)
+        assert norm.dtype == coef.dtype == out_dtype(ts) and coef.shape == ()
+        assert_rel_close(norm, ref, RTOL[dtype])
+        assert torch.equal(coef.cpu(), ref_coef(norm, max_norm)), (max_norm, coef, ref_coef(norm, max_norm))
+
+
+@gpu_test
+def test_all_empty():
+    ts = [torch.empty(0, device="cuda"), torch.empty(3, 0, device="cuda")]
+    for max_norm in (1.0, 1e-7):
+        norm, coef = ops.multi_tensor_norm_coef(ts, 2.0, max_norm)
+        assert float(norm) == 0.0
+        assert torch.equal(coef.cpu(), ref_coef(norm, max_norm))
+    assert float(ops.multi_tensor_norm(ts, INF)) == 0.0
+    ops.multi_tensor_scale_(ts, torch.tensor(0.5, device="cuda"))
+    ops.multi_tensor_scale_([], torch.tensor(0.5, device="cuda"))
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale(dtype):
+    coefs = [torch.tensor(0.37, device="cuda"), torch.tensor(1 / 3, dtype=torch.float64, device="cuda"),
+             torch.tensor(0.75, dtype=torch.float16, device="cuda"), torch.tensor(0.1, dtype=torch.bfloat16, device="cuda")]
+    for coef in coefs:
+        ts = structural_tensors(dtype)
+        before = [t.clone() for t in ts]
+        ops.multi_tensor_scale_(ts, coef)
+        for i, (t, b) in enumerate(zip(ts, before)):
+            exp = expected_scaled(b, coef)
+            if is_dense(t) or dtype in (torch.float32, torch.float64):
+                assert torch.equal(bits(t), bits(exp)), f"tensors[{i}] coef {coef}"
+            else:  # non-dense half/bfloat16: ATen's mul_ rounds coef to the dtype first (see the NOTE)
+                torch.testing.assert_close(t, exp, rtol=RTOL[dtype] * 8, atol=0)
+    if hasattr(torch, "float8_e4m3fn"):  # another float dtype: converted on the device
+        ts = structural_tensors(dtype)
+        before = [t.clone() for t in ts]
+        coef8 = torch.tensor(0.5, device="cuda").to(torch.float8_e4m3fn)
+        ops.multi_tensor_scale_(ts, coef8)
+        for t, b in zip(ts, before):
+            assert torch.equal(bits(t), bits(expected_scaled(b, torch.tensor(0.5, device="cuda"))))
+
+
+@gpu_test
+def test_scale_many_tensors():
+    ts = many_tensors(torch.float32)
+    before = [t.clone() for t in ts]
+    coef = torch.tensor(0.3, device="cuda")
+    ops.multi_tensor_scale_(ts, coef)
+    for i, (t, b) in enumerate(zip(ts, before)):
+        assert torch.equal(t, expected_scaled(b, coef)), f"tensors[{i}] of {len(ts)}"
+
+
+@gpu_test
+@pytest.mark.parametrize("coef_value", [1.0, 1.5, INF])
+def test_scale_skipped_when_coef_at_least_one(coef_value):
+    ts = structural_tensors(torch.float32) + structural_tensors(torch.bfloat16)
+    ts[2][5] = float("nan")
+    ts[3][-1] = -0.0
+    ts[4][0] = float("inf")
+    before = [bits(t).clone() for t in ts]
+    for coef_dtype in (torch.float32, torch.float64, torch.float16):
+        ops.multi_tensor_scale_(ts, torch.tensor(coef_value, dtype=coef_dtype, device="cuda"))
+        for i, (t, b) in enumerate(zip(ts, before)):
+            assert torch.equal(bits(t), b), f"tensors[{i}] changed with coef {coef_value} ({coef_dtype})"
+
+
+@gpu_test
+def test_non_dense_view_scaled_in_place():
+    base = torch.randn(64, 130, device="cuda")
+    base_before = base.clone()
+    view = base[:, ::2]
+    assert not is_dense(view) and is_dense(base.t())
+    other = torch.randn(1000, device="cuda")
+    coef = torch.tensor(0.25, device="cuda")
+    ops.multi_tensor_scale_([other, view], coef)
+    assert torch.equal(base[:, ::2], base_before[:, ::2] * 0.25)
+    assert torch.equal(base[:, 1::2], base_before[:, 1::2])  # the gaps are untouched
+    expanded = torch.randn(5, 1, device="cuda").expand(5, 4)
+    other_before = other.clone()
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] has internally overlapping memory"):
+        ops.multi_tensor_scale_([other, expanded], coef)
+    assert torch.equal(other, other_before)  # refused before anything was written
+    assert_rel_close(ops.multi_tensor_norm([expanded], 2.0), ref_norm([expanded], 2.0), 1e-6)
+
+
+@gpu_test
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_nan_and_inf(norm_type):
+    for bad, where in [(float("nan"), 0), (float("nan"), -1), (float("nan"), CHUNK + 3), (float("inf"), 7),
+                       (float("-inf"), -1)]:
+        ts = structural_tensors(torch.float32)
+        ts[4][where] = bad  # a misaligned view of 2 * CHUNK + 4 elements: head, body, tail
+        norm, coef = ops.multi_tensor_norm_coef(ts, norm_type, 1.0)
+        if math.isnan(bad):
+            assert math.isnan(float(norm)) and math.isnan(float(coef))
+        else:
+            assert float(norm) == INF and float(coef) == 0.0
+        before = [t.clone() for t in ts]
+        ops.multi_tensor_scale_(ts, coef)
+        for t, b in zip(ts, before):  # as torch: x * NaN = NaN, x * 0 = +-0, inf * 0 = NaN
+            torch.testing.assert_close(t, b * coef, rtol=0, atol=0, equal_nan=True, msg=f"{bad} at {where}")
+
+
+@gpu_test
+def test_no_host_synchronisation():
+    ts = structural_tensors(torch.float32) + many_tensors(torch.float16)[:30] + [torch.randn(9, dtype=torch.float64, device="cuda")]
+    empty = [torch.empty(0, device="cuda")]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for p in NORM_TYPES:
+            ops.multi_tensor_norm(ts, p)
+        norm, coef = ops.multi_tensor_norm_coef(ts, 2.0, 0.1)
+        ops.multi_tensor_scale_(ts, coef)
+        ops.multi_tensor_scale_(ts, coef.half())
+        ops.multi_tensor_norm_coef(empty, 2.0, 1.0)
+        ops.multi_tensor_scale_(empty, coef)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@gpu_test
+def test_cuda_graph_capture_and_replay():
+    static = structural_tensors(torch.float32) + many_tensors(torch.bfloat16)[:20]
+    max_norm = 5.0
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        n, c = ops.multi_tensor_norm_coef(static, 2.0, max_norm)
+        ops.multi_tensor_scale_(static, c)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_norm, g_coef = ops.multi_tensor_norm_coef(static, 2.0, max_norm)
+        ops.multi_tensor_scale_(static, g_coef)
+    for scale in (10.0, 0.001, 3.0):  # clipping, no clipping, clipping
+        fresh = [(torch.randn(t.shape, device="cuda") * scale).to(t.dtype) for t in static]
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        graph.replay()
+        eager = [f.clone() for f in fresh]
+        e_norm, e_coef = ops.multi_tensor_norm_coef(eager, 2.0, max_norm)
+        ops.multi_tensor_scale_(eager, e_coef)
+        torch.cuda.synchronize()
+        assert torch.equal(g_norm, e_norm) and torch.equal(g_coef, e_coef), scale
+        for i, (s, e) in enumerate(zip(static, eager)):
+            assert torch.equal(bits(s), bits(e)), f"tensors[{i}] differ after replay (scale {scale})"
+
+
+@gpu_test
+def test_opcheck():
+    utils = (("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+             if _fakes_registered() else ("test_schema", "test_autograd_registration"))
+    samples = [
+        [torch.randn(5, device="cuda"), torch.randn(3, 4, device="cuda").t(), torch.empty(0, device="cuda")],
+        [torch.randn(CHUNK + 1, device="cuda", dtype=torch.float16), torch.randn(7, device="cuda", dtype=torch.float64)],
+    ]
+    for ts in samples:
+        for p in NORM_TYPES:
+            torch.library.opcheck(ops.multi_tensor_norm.default, (ts, p), test_utils=utils)
+            torch.library.opcheck(ops.multi_tensor_norm_coef.default, (ts, p, 1.0), test_utils=utils)
+        for c in (0.5, 2.0):
+            torch.library.opcheck(ops.multi_tensor_scale_.default,
+                                  ([t.clone() for t in ts], torch.tensor(c, device="cuda")), test_utils=utils)
+
+
+@gpu_test
+def test_errors_on_gpu():
+    g = torch.randn(4, device="cuda")
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is on cpu but tensors\[0\] is on cuda"):
+        ops.multi_tensor_norm([g, torch.randn(3)], 2.0)
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] is on cpu but tensors\[1\] is on cuda"):
+        ops.multi_tensor_norm([torch.randn(3), g], 2.0)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] has dtype Int"):
+        ops.multi_tensor_norm([g, torch.ones(3, dtype=torch.int32, device="cuda")], 2.0)
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] has dtype ComplexFloat"):
+        ops.multi_tensor_norm_coef([torch.randn(3, dtype=torch.complex64, device="cuda")], 2.0, 1.0)
+    with pytest.raises(RuntimeError):  # NotImplementedError (no SparseCUDA kernel) is a RuntimeError
+        ops.multi_tensor_norm([g.to_sparse()], 2.0)
+    with pytest.raises(RuntimeError, match="norm_type"):
+        ops.multi_tensor_norm([g], 3.0)
+    with pytest.raises(RuntimeError, match="coef is on cpu"):
+        ops.multi_tensor_scale_([g], torch.tensor(0.5))
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is on cpu but coef is on cuda"):
+        ops.multi_tensor_scale_([g, torch.randn(3)], torch.tensor(0.5, device="cuda"))
+
+
+@gpu_test
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device():
+    ts = [t.to("cuda:1") for t in structural_tensors(torch.float32, "cuda:0")]
+    with torch.cuda.device(0):
+        norm, coef = ops.multi_tensor_norm_coef(ts, 2.0, 1.0)
+        assert norm.device == torch.device("cuda:1")
+        assert_rel_close(norm, ref_norm(ts, 2.0), 1e-6)
+        ops.multi_tensor_scale_(ts, coef)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is on cuda:1 but tensors\[0\] is on cuda:0"):
+        ops.multi_tensor_norm([torch.ones(2, device="cuda:0"), torch.ones(2, device="cuda:1")], 2.0)
+
+
+@gpu_test
+def test_tensor_over_2_pow_31_elements():
+    n = (1 << 31) + 3 * CHUNK + 5
+    free, _ = torch.cuda.mem_get_info()
+    if free < 2 * n + (6 << 30):  # the tensor, plus float64 slices for the reference
+        pytest.skip(f"needs about {(2 * n + (6 << 30)) / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} GiB are")
+    x = torch.empty(n, dtype=torch.bfloat16, device="cuda").uniform_(-1, 1)
+    x[(1 << 31) + 11] = 3.0  # the inf-norm's maximum lies past 2^31
+    ref2, step = 0.0, 1 << 28
+    for i in range(0, n, step):
+        ref2 += float(x[i:i + step].double().pow(2).sum())
+    assert_rel_close(ops.multi_tensor_norm([x], 2.0), math.sqrt(ref2), 1e-3, "2-norm")
+    assert float(ops.multi_tensor_norm([x], INF)) == 3.0
+    probes = [slice(0, 1000), slice((1 << 31) - 500, (1 << 31) + 500), slice(n - 1000, n)]
+    before = [x[s].clone() for s in probes]
+    ops.multi_tensor_scale_([x], torch.tensor(0.5, device="cuda"))
+    for s, b in zip(probes, before):
+        assert torch.equal(x[s], b * 0.5), s
+    del x
+    torch.cuda.empty_cache()
+
+
+@gpu_test
+def test_fused_clip_api_if_present():
+    """segclip.fused_clip_ (the Python package, written separately) against torch on CUDA."""
+    try:
+        from segclip import fused_clip_
+    except Exception as exc:  # not written yet / not importable here
+        pytest.skip(f"segclip.fused_clip_ is not available: {exc}")
+    for max_norm in (0.5, 1e6):
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in (10, CHUNK + 3, 0, 300)]
+        for p in params:
+            p.grad = torch.randn_like(p) * 3
+        ref = [p.detach().clone().requires_grad_() for p in params]
+        for r, p in zip(ref, params):
+            r.grad = p.grad.clone()
+        total = fused_clip_(params, max_norm)
+        ref_total = torch.nn.utils.clip_grad_norm_(ref, max_norm, foreach=True)
+        assert_rel_close(total, ref_total, 1e-6)
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,111 @@
+"""The custom ops themselves: registration, opcheck, argument errors from the C++ checks, and
+torch.compile(fullgraph=True) through fused_clip_."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import segclip
+from conftest import assert_norm_close, make_params, needs_cpu_kernel, oracle_norm
+
+pytestmark = needs_cpu_kernel
+
+OPS = ("multi_tensor_norm", "multi_tensor_norm_coef", "multi_tensor_scale_")
+
+
+def test_ops_are_registered_for_cpu():
+    for name in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segclip::{name}", "CPU"), name
+
+
+def _samples():
+    yield [torch.randn(17), torch.randn(3, 4).t(), torch.randn(0)]
+    yield [torch.randn(70_000, dtype=torch.bfloat16), torch.randn(5, dtype=torch.float64)]
+    yield [torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), torch.randn(9)[1:]]
+    yield [torch.randn(65_537, dtype=torch.float16)]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_opcheck_norm_ops(norm_type):
+    for tensors in _samples():
+        torch.library.opcheck(torch.ops.segclip.multi_tensor_norm.default, (tensors, norm_type))
+        torch.library.opcheck(torch.ops.segclip.multi_tensor_norm_coef.default, (tensors, norm_type, 0.5))
+
+
+@pytest.mark.parametrize("coef", [0.25, 1.0, 2.0])
+def test_opcheck_scale_op(coef):
+    for tensors in _samples():
+        torch.library.opcheck(torch.ops.segclip.multi_tensor_scale_.default, (tensors, torch.tensor(coef)))
+
+
+def test_norm_coef_op_values():
+    xs = [torch.randn(1000, dtype=torch.float64), torch.randn(33, dtype=torch.float64)]
+    ref = oracle_norm(xs, 2.0)
+    norm, coef = torch.ops.segclip.multi_tensor_norm_coef(xs, 2.0, ref / 2)
+    assert norm.dtype == coef.dtype == torch.float64
+    assert_norm_close(norm, ref, 1e-12)
+    assert_norm_close(coef, (ref / 2) / (ref + 1e-6), 1e-12)
+    _, coef = torch.ops.segclip.multi_tensor_norm_coef(xs, 2.0, ref * 2)
+    assert coef.item() == 1.0
+    _, coef = torch.ops.segclip.multi_tensor_norm_coef([torch.tensor([math.nan])], 2.0, 1.0)
+    assert math.isnan(coef.item())
+
+
+def test_scale_op_nan_coef_scales_and_coef_of_one_skips():
+    x = torch.randn(100)
+    y = x.clone()
+    torch.ops.segclip.multi_tensor_scale_([y], torch.tensor(1.0))
+    assert torch.equal(x, y)
+    torch.ops.segclip.multi_tensor_scale_([y], torch.tensor(math.nan))
+    assert y.isnan().all()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: torch.ops.segclip.multi_tensor_norm([], 2.0), "non-empty"),
+    (lambda: torch.ops.segclip.multi_tensor_norm([torch.ones(2), torch.ones(2, dtype=torch.int32)], 2.0),
+     r"tensors\[1\] has dtype Int"),
+    (lambda: torch.ops.segclip.multi_tensor_norm([torch.ones(2)], 3.0), "norm_type 1, 2 and inf, got 3"),
+    (lambda: torch.ops.segclip.multi_tensor_norm([torch.ones(2, dtype=torch.complex64)], 2.0), "ComplexFloat"),
+    (lambda: torch.ops.segclip.multi_tensor_norm([torch.ones(2).to_sparse()], 2.0), "SparseCPU"),
+    (lambda: torch.ops.segclip.multi_tensor_scale_([torch.ones(2)], torch.ones(2)), "0-dim"),
+    (lambda: torch.ops.segclip.multi_tensor_scale_([torch.ones(2)], torch.tensor(1)), "floating point"),
+])
+def test_op_argument_errors_say_what_was_received(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def test_scale_op_refuses_overlapping_views_before_writing_anything():
+    dense = torch.ones(4)
+    expanded = torch.ones(3, 1).expand(3, 2)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] has internally overlapping memory"):
+        torch.ops.segclip.multi_tensor_scale_([dense, expanded], torch.tensor(0.5))
+    assert torch.equal(dense, torch.ones(4))
+
+
+def test_scale_op_rejects_meta_device_tensor():
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.ops.segclip.multi_tensor_scale_([torch.ones(2), torch.ones(2, device="meta")], torch.tensor(0.5))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+
+    def step(params, max_norm):
+        return segclip.fused_clip_(params, max_norm)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for max_norm in (0.5, 1e9):  # clipping and not clipping, same graph (max_norm is a constant)
+        params, originals = make_params([(300,), (20, 7), (0,), (5, 5)])
+        eager_params = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+        for ep, g in zip(eager_params, originals):
+            ep.grad = g.clone()
+        got = compiled(params, max_norm)
+        want = step(eager_params, max_norm)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        for p, ep in zip(params, eager_params):
+            torch.testing.assert_close(p.grad, ep.grad, rtol=1e-6, atol=0)

@@ -1,0 +1,294 @@
+"""Semantics of fused_clip_ as a drop-in for clip_grad_norm_: edge cases, layouts, determinism,
+no writes when nothing is clipped, NaN/inf, and errors for bad input."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import segclip
+from conftest import (CPU_BACKENDS, assert_clipped_close, assert_norm_close, make_params,
+                      needs_cpu_kernel, oracle_coef, oracle_norm)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_inputs_return_zero(backend):
+    for params in ([], iter([]), [torch.nn.Parameter(torch.ones(3))]):  # the last has grad None
+        total = segclip.fused_clip_(params, 1.0, backend=backend)
+        assert total.dtype == torch.float32 and total.item() == 0.0
+    assert segclip.total_norm([], backend=backend).item() == 0.0
+    assert segclip.total_norm([None, None], backend=backend).item() == 0.0
+
+
+def test_empty_generator_warns_like_torch():
+    with pytest.warns(UserWarning, match="empty generator"):
+        segclip.fused_clip_((p for p in []), 1.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_none_grads_are_skipped_and_a_generator_is_consumed_once(backend):
+    params, originals = make_params([(10,), (20, 3)])
+    params.insert(1, torch.nn.Parameter(torch.ones(4)))  # no grad
+    total = segclip.fused_clip_((p for p in params), 0.1, backend=backend)
+    assert_norm_close(total, oracle_norm(originals, 2.0), 1e-6)
+    assert params[1].grad is None
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_single_tensor_argument(backend):
+    params, originals = make_params([(100,)])
+    total = segclip.fused_clip_(params[0], 0.5, backend=backend)
+    assert_norm_close(total, oracle_norm(originals, 2.0), 1e-6)
+    assert_clipped_close(params[0].grad, originals[0], oracle_coef(total.item(), 0.5), 1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_not_clipping_leaves_grads_bitwise_unchanged(backend):
+    params, originals = make_params([(1000, 3), (7,), (65_537,)], torch.bfloat16)
+    total = segclip.fused_clip_(params, 1e9, backend=backend)
+    assert total.item() > 0
+    for p, g in zip(params, originals):
+        assert torch.equal(p.grad, g)
+
+
+NO_WRITE_SCRIPT = textwrap.dedent("""
+    import mmap, sys, warnings
+    import numpy as np, torch, segclip
+    backend, n = sys.argv[1], 200_000
+    # Gradients in memory mapped read-only: any write to them kills the process (SIGSEGV).
+    buf = mmap.mmap(-1, 4 * n)
+    np.frombuffer(buf, dtype=np.float32)[:] = np.random.default_rng().standard_normal(n)
+    ro = mmap.mmap(-1, 4 * n)
+    ro.write(buf[:]); ro.seek(0)
+    arr = np.frombuffer(ro, dtype=np.float32)
+    import ctypes
+    libc = ctypes.CDLL(None)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(ro))
+    assert libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(4 * n), 1) == 0  # PROT_READ
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flat = torch.from_numpy(arr)
+    params = [torch.nn.Parameter(torch.zeros(k)) for k in (100_000, 60_000, 40_000)]
+    for p, g in zip(params, flat.split([100_000, 60_000, 40_000])):
+        p.grad = g
+    total = segclip.fused_clip_(params, float(sys.argv[2]), backend=backend)
+    print("ok", float(total))
+""")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_scaling_pass_writes_nothing_when_not_clipping(backend, tmp_path):
+    """Gradients in read-only pages: not clipping must succeed; clipping must fault (so the test
+    can fail)."""
+    script = tmp_path / "nowrite.py"
+    script.write_text(NO_WRITE_SCRIPT)
+    ok = subprocess.run([sys.executable, str(script), backend, "1e9"], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok"), ok.stderr
+    clipped = subprocess.run([sys.executable, str(script), backend, "1.0"], capture_output=True, text=True)
+    assert clipped.returncode != 0  # the write to read-only memory was attempted and faulted
+
+
+@needs_cpu_kernel
+def test_norm_is_bitwise_deterministic_across_calls_and_thread_counts():
+    params, _ = make_params([(1_000_003,), (70_000, 3), (5,), (0,), (65_536,)])
+    grads = [p.grad for p in params]
+    before = torch.get_num_threads()
+    results = set()
+    try:
+        for threads in (1, 2, 3, 1, 2):
+            torch.set_num_threads(threads)
+            for _ in range(3):
+                results.add(segclip.total_norm(grads, backend="cpu").item().hex())
+    finally:
+        torch.set_num_threads(before)
+    assert len(results) == 1, results
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_and_misaligned_grads_are_clipped_in_place(backend):
+    base = torch.randn(64, 32, 5, 5)
+    grads = [
+        torch.randn(300, 200).t(),                                           # transposed
+        torch.randn(8, 16, 9, 9).contiguous(memory_format=torch.channels_last),
+        torch.randn(10_001)[1:],                                              # misaligned by 4 bytes
+        torch.randn(101, 3, dtype=torch.float64)[::2, 1:],                    # gaps: not dense
+        base[:, ::2],                                                         # gaps, a view of base
+        torch.randn(65_536 + 1, dtype=torch.float16)[1:],                     # misaligned half
+    ]
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype))
+        p.grad = g
+        params.append(p)
+    originals = [g.clone() for g in grads]
+    ptrs = [g.data_ptr() for g in grads]
+    ref = oracle_norm(originals, 2.0)
+    total = segclip.fused_clip_(params, ref / 4, backend=backend)
+    assert_norm_close(total, ref, 1e-3)  # includes a float16 tensor
+    coef = oracle_coef(ref, ref / 4)
+    for p, g, ptr in zip(params, originals, ptrs):
+        assert p.grad.data_ptr() == ptr  # the same storage, scaled in place, not replaced by a copy
+        assert_clipped_close(p.grad, g, coef, 1e-3 if g.dtype == torch.float16 else 1e-6)
+    # the strided view really wrote through to its base tensor
+    assert torch.equal(base[:, ::2], params[4].grad)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sparse_grads_are_correct(backend):
+    dense_p, dense_g = make_params([(50,)])
+    sparse = torch.nn.Parameter(torch.zeros(10, 3))
+    idx = torch.tensor([[0, 0, 4, 9]])  # row 0 twice: duplicates add up
+    sparse.grad = torch.sparse_coo_tensor(idx, torch.randn(4, 3), (10, 3), check_invariants=True)
+    expected_dense = sparse.grad.to_dense()
+    ref = oracle_norm(dense_g + [expected_dense], 2.0)
+    total = segclip.fused_clip_([sparse] + dense_p, ref / 2, backend=backend)
+    assert_norm_close(total, ref, 1e-6)
+    coef = oracle_coef(ref, ref / 2)
+    assert_clipped_close(sparse.grad.to_dense(), expected_dense, coef, 1e-6)
+    assert_clipped_close(dense_p[0].grad, dense_g[0], coef, 1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_complex_grads_match_torch(backend):
+    p = torch.nn.Parameter(torch.zeros(40, dtype=torch.complex64))
+    p.grad = torch.randn(40, dtype=torch.complex64)
+    q = torch.nn.Parameter(p.detach().clone())
+    q.grad = p.grad.clone()
+    ours = segclip.fused_clip_([p], 0.5, backend=backend)
+    theirs = torch.nn.utils.clip_grad_norm_([q], 0.5)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_nan_and_inf_propagate_like_torch(backend, norm_type):
+    for bad in (math.nan, math.inf):
+        params, originals = make_params([(100,), (30,)])
+        params[1].grad[7] = bad
+        torch_params = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+        for tp, p in zip(torch_params, params):
+            tp.grad = p.grad.clone()
+        ours = segclip.fused_clip_(params, 1.0, norm_type, backend=backend)
+        theirs = torch.nn.utils.clip_grad_norm_(torch_params, 1.0, norm_type)
+        assert ours.isnan().item() == theirs.isnan().item() and ours.isinf().item() == theirs.isinf().item()
+        for p, tp in zip(params, torch_params):
+            torch.testing.assert_close(p.grad, tp.grad, equal_nan=True, rtol=1e-6, atol=0)
+        with pytest.raises(RuntimeError, match="non-finite"):
+            segclip.fused_clip_(params, 1.0, norm_type, error_if_nonfinite=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_error_if_nonfinite_raises_before_touching_grads(backend):
+    params, originals = make_params([(10,)])
+    params[0].grad[3] = math.inf
+    snapshot = params[0].grad.clone()
+    with pytest.raises(RuntimeError, match="error_if_nonfinite=False"):
+        segclip.fused_clip_(params, 1.0, error_if_nonfinite=True, backend=backend)
+    assert torch.equal(params[0].grad, snapshot)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        segclip.total_norm([params[0].grad], error_if_nonfinite=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_tensors_are_ignored_for_the_inf_norm(backend):
+    """torch raises for the inf norm of a list holding an empty tensor; segclip takes the max over
+    the elements that exist (documented difference)."""
+    params, originals = make_params([(0,), (13,), (0, 4)])
+    total = segclip.fused_clip_(params, 1e9, math.inf, backend=backend)
+    assert total.item() == originals[1].abs().max().item()
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, -1e-9])
+def test_bad_max_norm_raises_value_error_naming_it(bad):
+    params, _ = make_params([(3,)])
+    with pytest.raises(ValueError, match="max_norm") as info:
+        segclip.fused_clip_(params, bad)
+    assert repr(bad) in str(info.value)
+    with pytest.raises(ValueError, match="max_norm"):
+        segclip.clip_with_norm_(params, bad, torch.tensor(1.0))
+
+
+def test_max_norm_type_errors_and_tensor_max_norm():
+    params, originals = make_params([(30,)])
+    with pytest.raises(TypeError, match="max_norm"):
+        segclip.fused_clip_(params, "1.0")
+    total = segclip.fused_clip_(params, torch.tensor(0.5))  # like torch, a one-element tensor works
+    assert_clipped_close(params[0].grad, originals[0], oracle_coef(total.item(), 0.5), 1e-6)
+
+
+@pytest.mark.parametrize("norm_type", ["fro", None, object()])
+def test_bad_norm_type_raises_what_torch_raises(norm_type):
+    params, _ = make_params([(3,)])
+    with pytest.raises(Exception) as theirs:
+        torch.nn.utils.clip_grad_norm_(params, 1.0, norm_type)
+    with pytest.raises(type(theirs.value)):
+        segclip.fused_clip_(params, 1.0, norm_type)
+
+
+def test_string_inf_norm_type_is_accepted_like_torch():
+    params, originals = make_params([(30,)])
+    total = segclip.fused_clip_(params, 1e9, "inf")
+    assert total.item() == originals[0].abs().max().item()
+
+
+def test_integer_grad_and_non_tensor_parameter_are_named():
+    p = torch.zeros(3, dtype=torch.int64)
+    p.grad = torch.ones(3, dtype=torch.int64)
+    good, _ = make_params([(3,)])
+    with pytest.raises(TypeError, match=r"parameters\[1\].*int64"):
+        segclip.fused_clip_([good[0], p], 1.0)
+    with pytest.raises(TypeError, match=r"parameters\[0\] is a list"):
+        segclip.fused_clip_([[1.0]], 1.0)
+    with pytest.raises(TypeError, match=r"grads\[1\]"):
+        segclip.total_norm([torch.ones(2), 3.0])
+
+
+def test_unknown_backend_and_wrong_device_backend():
+    params, _ = make_params([(3,)])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        segclip.fused_clip_(params, 1.0, backend="gpu")
+    with pytest.raises((ValueError, RuntimeError), match="cuda"):
+        segclip.fused_clip_(params, 1.0, backend="cuda")
+
+
+def test_explicit_backend_that_is_not_built_says_why(monkeypatch):
+    from segclip import _ext
+
+    monkeypatch.setattr(_ext, "CPU_LOADED", False)
+    monkeypatch.setattr(_ext, "CPU_ERROR", "not compiled (test)")
+    params, _ = make_params([(3,)])
+    with pytest.raises(RuntimeError, match=r"backend='cpu' is unavailable: not compiled \(test\)"):
+        segclip.fused_clip_(params, 1.0, backend="cpu")
+    # auto falls back to PyTorch and still gives the right answer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        total = segclip.fused_clip_(params, 1e9)
+    assert total.item() > 0
+
+
+def test_clip_grad_norm_alias():
+    assert segclip.clip_grad_norm_ is segclip.fused_clip_
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a visible CUDA GPU")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_mixed_devices_give_one_global_norm(backend):
+    cpu_params, cpu_g = make_params([(1000,), (33, 3)])
+    gpu_params, gpu_g = make_params([(5000,), (7, 7)], torch.bfloat16)
+    for p in gpu_params:
+        p.grad = p.grad.cuda()
+    ref = oracle_norm(cpu_g + gpu_g, 2.0)
+    total = segclip.fused_clip_(cpu_params + gpu_params, ref / 3, backend=backend)
+    assert total.device.type == "cpu"  # the first gradient's device
+    assert_norm_close(total, ref, 1e-3)
+    coef = oracle_coef(ref, ref / 3)
+    for p, g in zip(cpu_params + gpu_params, cpu_g + gpu_g):
+        assert_clipped_close(p.grad.cpu(), g, coef, 1e-3)
