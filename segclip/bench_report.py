@@ -32,6 +32,7 @@ from .bench import (
 )
 
 NOT_MEASURED = "not measured"
+SHORT_MODE_TITLES = {"active": "clipping active", "inactive": "nothing to clip"}
 
 # The headline targets: reported (met / not met / not measured), never asserted.
 TARGET_MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50")
@@ -103,7 +104,8 @@ def _norm_impl(v, device: str) -> str | None:
         "torch_loop": "torch_loop", "loop": "torch_loop", "torch_foreach_false": "torch_loop",
         "torch_no_foreach": "torch_loop",
         "segclip_torch": "segclip_torch", "reference": "segclip_torch",
-        "segclip_cpu": "segclip_cpu", "segclip_cuda": "segclip_cuda",
+        "segclip_cpu": "segclip_cpu", "segclip_cuda": "segclip_cuda", "segclip_ops": "segclip_ops",
+        "ops": "segclip_ops", "api": f"segclip_{device}",
         "fused": f"segclip_{device}", "segclip": f"segclip_{device}", "cuda": "segclip_cuda",
         "cpu": "segclip_cpu", "bound": "bound", "flat_bound": "bound", "bandwidth_bound": "bound",
     }
@@ -124,7 +126,64 @@ def _seconds(rec: dict, stem: str) -> float | None:
     return None
 
 
+GPU_BENCH_IMPLS = {"torch": "torch_foreach", "api": "segclip_cuda", "ops": "segclip_ops"}
+GPU_BENCH_NOTE = ("figures from benchmarks/gpu_bench.py: CUDA events around back-to-back calls, median "
+                  "over rounds; with clipping active max_norm is halved on every call (see its docstring); "
+                  "'segclip ops' calls torch.ops.segclip directly, 'segclip cuda' is segclip.fused_clip_; "
+                  "the bound is computed from the copy bandwidth that file measured")
+
+
+def is_gpu_bench(data) -> bool:
+    """The layout of benchmarks/gpu_bench.py: {"env": {...}, "models": {model: {"clip": ..., "noclip": ...}}}."""
+    return isinstance(data, dict) and isinstance(data.get("env"), dict) and isinstance(data.get("models"), dict)
+
+
+def _gpu_bench_records(data: dict) -> list[dict]:
+    env = data["env"]
+    device = "cpu-dry-run" if env.get("dry_run") else "cuda"  # a dry run's figures are no GPU figures
+    copy = ((data.get("bandwidth") or {}).get("copy") or {}).get("GBps")
+    bytes_per_s = copy * 1e9 if isinstance(copy, (int, float)) and copy > 0 else None
+    cases = [(m, e, e.get("elements")) for m, e in data["models"].items() if isinstance(e, dict)]
+    big = data.get("bandwidth")
+    if isinstance(big, dict) and isinstance(big.get("bytes"), (int, float)):
+        name = f"gpu_bench_{big['bytes'] / 2**30:g}GiB_x{big.get('tensors', '?')}"
+        cases.append((name, big, int(big["bytes"]) // 4))
+    out = []
+    for case, entry, elements in cases:
+        for scenario, mode in (("clip", "active"), ("noclip", "inactive")):
+            res = entry.get(scenario)
+            if not isinstance(res, dict):
+                continue
+            first = True
+            for impl, key in GPU_BENCH_IMPLS.items():
+                t = res.get(impl)
+                if not isinstance(t, dict) or not isinstance(t.get("median_us"), (int, float)):
+                    continue
+                rec = {"device": device, "case": case, "dtype": "fp32", "mode": mode, "impl": key,
+                       "median_us": t["median_us"], "n_tensors": entry.get("tensors"), "n_elements": elements}
+                if first and bytes_per_s and isinstance(elements, (int, float)):
+                    rec["bound_s"] = elements * 4 * (3 if mode == "active" else 1) / bytes_per_s
+                    first = False
+                out.append({k: v for k, v in rec.items() if v is not None})
+    return out
+
+
+def machine_of(data) -> dict:
+    """The ``machine`` object of a JSON, or what gpu_bench.py's ``env`` says."""
+    if not isinstance(data, dict):
+        return {}
+    if isinstance(data.get("machine"), dict):
+        return data["machine"]
+    env = data.get("env")
+    if isinstance(env, dict):
+        return {"gpu_name": env.get("device"), "torch_version": env.get("torch"), "cuda": env.get("cuda"),
+                "dry_run": env.get("dry_run")}
+    return {}
+
+
 def raw_records(data) -> list:
+    if is_gpu_bench(data):
+        return _gpu_bench_records(data)
     if isinstance(data, list):
         return [r for r in data if isinstance(r, dict)]
     if isinstance(data, dict):
@@ -209,7 +268,7 @@ def fmt_pct(x: float | None) -> str:
 def impl_label(key: str, device: str) -> str:
     if key == "bound":
         return "flat bound" if device == "cpu" else "bandwidth bound"
-    return IMPL_LABELS.get(key, key)
+    return {**IMPL_LABELS, "segclip_ops": "segclip ops"}.get(key, key)
 
 
 def _impls_for(records: list[dict], device: str) -> list[str]:
@@ -354,7 +413,7 @@ def _cell(r: dict | None) -> str:
 
 
 def markdown_tables(records: list[dict], device: str, cases=None, dtypes=None, modes=None,
-                    impls=None, heading: str = "###") -> str:
+                    impls=None, heading: str = "###", titles: dict | None = None) -> str:
     """One table per (mode, dtype): a row per case, a column per implementation."""
     recs = [r for r in records if r["device"] == device]
     idx = index(recs)
@@ -365,7 +424,7 @@ def markdown_tables(records: list[dict], device: str, cases=None, dtypes=None, m
     out = []
     for mode in modes:
         for dtype in dtypes:
-            out.append(f"{heading} {device}, {dtype}, {MODE_TITLES.get(mode, mode)}\n")
+            out.append(f"{heading} {device}, {dtype}, {(titles or MODE_TITLES).get(mode, mode)}\n")
             header = ["case", "tensors", "elements"] + [impl_label(k, device) for k in impls]
             rows = []
             for case in cases:
@@ -380,7 +439,7 @@ def markdown_tables(records: list[dict], device: str, cases=None, dtypes=None, m
 
 
 def _machine_lines(result: dict) -> list[str]:
-    m = result.get("machine") or {}
+    m = machine_of(result)
     if not m:
         return ["- machine: not recorded"]
     gpu = m.get("gpu_name") or m.get("gpu")
@@ -391,12 +450,20 @@ def _machine_lines(result: dict) -> list[str]:
         backends = ", ".join(
             f"{k}: available" if (v or {}).get("available") else f"{k}: unavailable ({(v or {}).get('reason')})"
             for k, v in backends.items())
+    cpu = None
+    if m.get("cpu_model"):
+        cpu = f"{m['cpu_model']}, {m.get('cpu_cores', '?')} cores, {m.get('torch_threads', '?')} torch threads"
+    machine = "; ".join(x for x in (cpu, f"GPU: {gpu or 'none'}") if x)
+    software = f"torch {m.get('torch_version') or 'not recorded'}"
+    if m.get("cuda"):
+        software += f", CUDA {m['cuda']}"
+    if backends:
+        software += f"; segclip backends: {backends}"
     lines = [
-        f"- date: {m.get('date', 'not recorded')}",
-        f"- machine: {m.get('cpu_model', '?')}, {m.get('cpu_cores', '?')} cores, "
-        f"{m.get('torch_threads', '?')} torch threads; GPU: {gpu or 'none'}",
-        f"- torch {m.get('torch_version', '?')}; segclip backends: {backends or '?'}",
-        f"- command: `{m.get('command', '?')}`",
+        f"- date: {m.get('date') or 'not recorded'}",
+        f"- machine: {machine}",
+        f"- {software}",
+        f"- command: `{m['command']}`" if m.get("command") else "- command: not recorded",
     ]
     if m.get("load_average_start") is not None:
         lines.append(f"- load average (1, 5, 15 min) at start {m.get('load_average_start')}, "
@@ -628,7 +695,8 @@ def results_page(cpu: dict | None, cpu_path: str | None, gpu: dict | None = None
     parts.append(markdown_tables(cpu_only, "cpu", cases=ALL_CASES, dtypes=list(DTYPES), modes=list(MODES),
                                  impls=cpu_impls))
     parts.append("## GPU: gradient clipping (CUDA)\n")
-    gpu_records = [r for r in (normalize_records(gpu, "cuda") if gpu else []) if r["device"] == "cuda"]
+    gpu_all = normalize_records(gpu, "cuda") if gpu else []
+    gpu_records = [r for r in gpu_all if r["device"] == "cuda"]
     gpu_source, gpu_meta = (gpu_path, gpu) if gpu_records else (None, None)
     if not gpu_records:  # a segclip bench JSON from a GPU machine holds cuda records too
         gpu_records = [r for r in cpu_records if r["device"] == "cuda"]
@@ -638,10 +706,21 @@ def results_page(cpu: dict | None, cpu_path: str | None, gpu: dict | None = None
         parts.append(f"Source: `{gpu_source}`\n")
         if isinstance(gpu_meta, dict):
             parts += [*_machine_lines(gpu_meta), ""]
+        if is_gpu_bench(gpu_meta):
+            parts.append(f"Note: {GPU_BENCH_NOTE}.\n")
+    elif gpu is not None and any(r["device"] == "cpu-dry-run" for r in gpu_all):
+        parts.append(f"`{gpu_path}` is a dry run on the CPU, not a GPU measurement: every GPU figure "
+                     "is not measured.\n")
+    elif gpu is not None:
+        parts.append(f"`{gpu_path}` holds no readable CUDA records: every GPU figure is not measured.\n")
     else:
         parts.append("No GPU run's JSON was given (`--gpu-json`): every GPU figure is not measured.\n")
-    parts.append(markdown_tables(gpu_records, "cuda", cases=ALL_CASES, dtypes=list(DTYPES),
-                                 modes=list(MODES), impls=gpu_impls))
+    extra_cases = [c for c in dict.fromkeys(r["case"] for r in gpu_records) if c not in ALL_CASES]
+    extra_impls = sorted({r["impl"] for r in gpu_records} - set(gpu_impls))
+    gpu_dtypes = list(DTYPES) + sorted({r["dtype"] for r in gpu_records} - set(DTYPES))
+    parts.append(markdown_tables(gpu_records, "cuda", cases=list(ALL_CASES) + extra_cases, dtypes=gpu_dtypes,
+                                 modes=list(MODES), impls=gpu_impls[:-1] + extra_impls + gpu_impls[-1:],
+                                 titles=SHORT_MODE_TITLES if is_gpu_bench(gpu_meta) else None))
     parts.append("## Training throughput (`benchmarks/bench_train.py`)\n")
     if train is not None:
         parts.append(train_markdown(train, train_path))

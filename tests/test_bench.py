@@ -144,3 +144,31 @@ def test_noisy_groups_are_marked():
     assert "NOISY: other processes kept 0.90 cores busy" in bench_report.format_rows(result)
     assert "| synthetic_tiny (noisy) |" in bench_report.summary_markdown(result)
     assert "1 of 1 groups still noisy" in bench_report.noise_summary(bench_report.normalize_records(result))
+
+
+def _gpu_bench_json(dry_run: bool) -> dict:
+    """The layout benchmarks/gpu_bench.py writes (env, models/<model>/<clip|noclip>/<impl>, bandwidth)."""
+    timing = {"clip": {"torch": {"median_us": 300.0}, "ops": {"median_us": 100.0}, "api": {"median_us": 120.0}},
+              "noclip": {"torch": {"median_us": 200.0}, "ops": {"median_us": 50.0}}}
+    return {"env": {"torch": "2.x", "cuda": "13.0", "device": "cpu (dry run)" if dry_run else "Some GPU",
+                    "dry_run": dry_run},
+            "models": {"lraspp_mobilenet_v3_large": {"tensors": 178, "elements": 1_000_000, **timing}},
+            "bandwidth": {"bytes": 2 << 30, "tensors": 200, "copy": {"GBps": 1000.0},
+                          "clip": {"torch": {"median_us": 9000.0}, "ops": {"median_us": 7000.0}}}}
+
+
+def test_results_page_reads_gpu_bench_layout(tmp_path):
+    for dry_run in (False, True):
+        path = tmp_path / f"gpu-{dry_run}.json"
+        path.write_text(json.dumps(_gpu_bench_json(dry_run)))
+        page_path = tmp_path / "RESULTS.md"
+        bench_report.results_main(["--gpu-json", str(path), "--out", str(page_path), "--root", str(tmp_path)])
+        page = page_path.read_text()
+        rows = [ln for ln in page.splitlines() if ln.startswith("| lraspp_mobilenet_v3_large | 178 |")]
+        if dry_run:
+            assert "is a dry run on the CPU" in page and not rows
+            continue
+        # active: torch 300 us, api (segclip cuda) 120 us = 2.5x, ops 100 us = 3x; bound = 12 MB / 1 TB/s
+        assert "120 us (2.50x, 10% of bound)" in rows[0] and "100 us (3.00x, 12% of bound)" in rows[0]
+        assert "12 us (25.00x)" in rows[0]
+        assert "| gpu_bench_2GiB_x200 | 200 |" in page and "GPU: Some GPU" in page
