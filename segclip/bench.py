@@ -509,12 +509,20 @@ def _round(x, digits: int = 4):
     return x
 
 
+def _derived(key: str, value) -> bool:
+    """Keys left out of the JSON: recomputed on load (segclip.bench_report) or at their default."""
+    return (key in ("impl_label", "time_over_bound") or (key == "reason" and value is None)
+            or (key == "timed" and value is True))
+
+
 def dumps_result(result: dict) -> str:
     """The JSON text: settings indented, one record per line (small, and diffs read per figure);
-    floats in records rounded to 4 significant digits (timing noise is far larger)."""
+    floats in records rounded to 4 significant digits (timing noise is far larger); derived keys
+    (labels, time_over_bound) and defaults left out."""
     head = {k: v for k, v in result.items() if k != "records"}
     text = json.dumps(head, indent=1)
-    records = ",\n  ".join(json.dumps({k: _round(v) for k, v in r.items()}) for r in result["records"])
+    records = ",\n  ".join(json.dumps({k: _round(v) for k, v in r.items() if not _derived(k, v)})
+                           for r in result["records"])
     return text[:-2] + ',\n "records": [\n  ' + records + "\n ]\n}\n"
 
 

@@ -681,6 +681,10 @@ def results_page(cpu: dict | None, cpu_path: str | None, gpu: dict | None = None
         "above its table; a figure missing there reads \"not measured\". Performance targets are "
         "reported here, never asserted in tests. How to run and what each column means: "
         "[docs/benchmarks.md](../docs/benchmarks.md).\n",
+        "Each section comes from ONE run. On a small shared machine single figures move between runs, "
+        "sometimes a lot, even when no other process is seen using the CPUs (see \"Noise\" in "
+        "docs/benchmarks.md): read the ratios between implementations within a table, and check a "
+        "surprising one with `segclip bench --compare`.\n",
         TIMING_NOTE + "\n",
         "## CPU: gradient clipping (`segclip bench`)\n",
     ]

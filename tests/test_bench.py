@@ -40,8 +40,8 @@ def test_smoke_run_writes_json_markdown_png(smoke_run):
     records = data["records"]
     assert {(r["mode"], r["impl"]) for r in records} == {(m, i) for m in ("active", "inactive") for i in IMPLS}
     for r in records:
-        for key in ("device", "case", "dtype", "mode", "max_norm", "impl", "available", "reason", "median_s",
-                    "speedup_vs_foreach", "fraction_of_bound", "bytes_moved"):
+        for key in ("device", "case", "dtype", "mode", "max_norm", "impl", "available", "median_s",
+                    "speedup_vs_foreach", "fraction_of_bound", "bytes_moved", "others_cpu", "noisy"):
             assert key in r, key
         if r["available"]:
             assert r["median_s"] > 0 and r["speedup_vs_foreach"] > 0 and r["fraction_of_bound"] > 0
