@@ -719,12 +719,19 @@ def results_page(cpu: dict | None, cpu_path: str | None, gpu: dict | None = None
         parts.append(f"`{gpu_path}` holds no readable CUDA records: every GPU figure is not measured.\n")
     else:
         parts.append("No GPU run's JSON was given (`--gpu-json`): every GPU figure is not measured.\n")
+    if not gpu_records:  # one table says it for every dtype and mode
+        header = ["case"] + [impl_label(k, "cuda") for k in gpu_impls]
+        rows = [[case] + [NOT_MEASURED] * len(gpu_impls) for case in ALL_CASES]
+        parts.append(f"### cuda, {'/'.join(DTYPES)}, clipping active and nothing to clip\n")
+        parts.append(_md_table(header, rows) + "\n")
+        gpu_impls = []
     extra_cases = [c for c in dict.fromkeys(r["case"] for r in gpu_records) if c not in ALL_CASES]
     extra_impls = sorted({r["impl"] for r in gpu_records} - set(gpu_impls))
     gpu_dtypes = list(DTYPES) + sorted({r["dtype"] for r in gpu_records} - set(DTYPES))
-    parts.append(markdown_tables(gpu_records, "cuda", cases=list(ALL_CASES) + extra_cases, dtypes=gpu_dtypes,
-                                 modes=list(MODES), impls=gpu_impls[:-1] + extra_impls + gpu_impls[-1:],
-                                 titles=SHORT_MODE_TITLES if is_gpu_bench(gpu_meta) else None))
+    if gpu_records:
+        parts.append(markdown_tables(gpu_records, "cuda", cases=list(ALL_CASES) + extra_cases, dtypes=gpu_dtypes,
+                                     modes=list(MODES), impls=gpu_impls[:-1] + extra_impls + gpu_impls[-1:],
+                                     titles=SHORT_MODE_TITLES if is_gpu_bench(gpu_meta) else None))
     parts.append("## Training throughput (`benchmarks/bench_train.py`)\n")
     if train is not None:
         parts.append(train_markdown(train, train_path))
