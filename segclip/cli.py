@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = [
     "segclip.demo",
     "segclip.train.cli",
+    "segclip.bench",
 ]
 
 

@@ -1,0 +1,174 @@
+"""Smoke tests of ``segclip bench`` and its reports. They check that the outputs exist and hold the
+expected keys; they never assert a performance figure."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from segclip import bench, bench_report
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--models", "synthetic_smoke", "--dtypes", "fp32", "--min-run-time", "0.001", "--rounds", "1",
+         "--device", "cpu", "--no-progress", "--retries", "0"]
+IMPLS = {"torch_foreach", "torch_loop", "segclip_torch", "segclip_cpu", "bound"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run"
+    assert bench.main(SMOKE + ["--out", str(out)]) == 0
+    return out
+
+
+def test_smoke_run_writes_json_markdown_png(smoke_run):
+    data = json.loads((smoke_run / "bench.json").read_text())
+    assert data["schema"] == bench.SCHEMA
+    for key in ("cpu_model", "cpu_cores", "torch_threads", "gpu_name", "torch_version", "segclip_backends",
+                "date", "command"):
+        assert key in data["machine"], key
+    assert "bench_clip.py" in data["machine"]["command"] or "segclip" in data["machine"]["command"]
+    assert set(data["machine"]["segclip_backends"]) == {"cpu", "cuda", "torch"}
+    assert data["settings"]["max_norm"] == {"active": 0.0, "inactive": 1e30}
+    assert data["cases"]["cpu"]["synthetic_smoke"]["n_tensors"] == 16
+    records = data["records"]
+    assert {(r["mode"], r["impl"]) for r in records} == {(m, i) for m in ("active", "inactive") for i in IMPLS}
+    for r in records:
+        for key in ("device", "case", "dtype", "mode", "max_norm", "impl", "available", "median_s",
+                    "speedup_vs_foreach", "fraction_of_bound", "bytes_moved", "others_cpu", "noisy"):
+            assert key in r, key
+        if r["available"]:
+            assert r["median_s"] > 0 and r["speedup_vs_foreach"] > 0 and r["fraction_of_bound"] > 0
+    # the returned norms were checked against float64 before timing
+    errs = [r["norm_rel_err"] for r in records if "norm_rel_err" in r]
+    assert len(errs) == 4 and max(errs) < 1e-5
+    summary = (smoke_run / "summary.md").read_text()
+    assert "Headline targets" in summary and "synthetic_smoke" in summary and "flat bound" in summary
+    assert (smoke_run / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_two_jsons(smoke_run, tmp_path, capsys):
+    old = json.loads((smoke_run / "bench.json").read_text())
+    new = copy.deepcopy(old)
+    slowed = next(r for r in new["records"] if r["impl"] == "segclip_torch" and r["mode"] == "active")
+    slowed["median_s"] *= 1.5
+    new["records"] = [r for r in new["records"] if not (r["impl"] == "torch_loop" and r["mode"] == "inactive")]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert bench.main(["--compare", str(tmp_path / "old.json"), str(tmp_path / "new.json")]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if "segclip torch" in ln and "active " in ln and "inactive" not in ln]
+    assert len(lines) == 1 and "1.500x" in lines[0] and "REGRESSION" in lines[0]
+    assert "only in old" in out
+    assert out.count("REGRESSION") == 1
+
+
+def test_results_page_says_not_measured(smoke_run, tmp_path):
+    page_path = tmp_path / "RESULTS.md"
+    assert bench_report.results_main(["--cpu-json", str(smoke_run / "bench.json"), "--out", str(page_path)]) == 0
+    page = page_path.read_text()
+    # the smoke run measured no model: their rows, the GPU tables and bench_train say so
+    assert "| lraspp_mobilenet_v3_large | - | - | not measured |" in page
+    assert "every GPU figure is not measured" in page
+    assert "images/s and the clip share of the step are not measured" in page
+    assert "| lraspp_mobilenet_v3_large | active | time / flat bound <= 1.1x | not measured | not measured |" in page
+    assert "Source: `" in page and "- command: `" in page and "- date: " in page
+
+
+def test_results_page_reads_lenient_gpu_and_train_json(tmp_path):
+    gpu = {"machine": {"gpu_name": "Some GPU", "date": "2026-01-01"},
+           "results": [
+               {"model": "lraspp_mobilenet_v3_large", "dtype": "float32", "clipping": True,
+                "implementation": "torch foreach", "median_ms": 2.0},
+               {"model": "lraspp_mobilenet_v3_large", "dtype": "float32", "clipping": True,
+                "implementation": "fused", "median_ms": 0.5, "bound_ms": 0.25},
+               {"model": "fcn_resnet50", "implementation": "fused"},  # no time: stays not measured
+           ]}
+    train = [{"model": "lraspp_mobilenet_v3_large", "clip": "fused", "images_per_s": 30.0, "clip_share": 0.01},
+             {"model": "lraspp_mobilenet_v3_large", "clip": "torch", "images_per_s": 25.0, "clip_share": 0.2},
+             {"model": "lraspp_mobilenet_v3_large", "clip": "none", "images_per_s": 31.0}]
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu))
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    page_path = tmp_path / "RESULTS.md"
+    assert bench_report.results_main(["--gpu-json", str(tmp_path / "gpu.json"), "--train-json",
+                                      str(tmp_path / "train.json"), "--out", str(page_path),
+                                      "--root", str(tmp_path)]) == 0
+    page = page_path.read_text()
+    assert "No CPU benchmark JSON was given" in page
+    gpu_row = next(ln for ln in page.splitlines() if ln.startswith("| lraspp_mobilenet_v3_large")
+                   and "2 ms" in ln)
+    assert "500 us (4.00x, 50% of bound)" in gpu_row
+    assert "Some GPU" in page
+    train_row = next(ln for ln in page.splitlines() if ln.startswith("| lraspp_mobilenet_v3_large | 30"))
+    assert "1.20x" in train_row and "1.0%" in train_row and "20.0%" in train_row
+
+
+def test_targets_are_evaluated_from_records():
+    recs = []
+    for impl, t in (("torch_foreach", 2.0), ("segclip_cpu", 1.0), ("bound", 0.95)):
+        recs.append({"device": "cpu", "case": "lraspp_mobilenet_v3_large", "dtype": "fp32", "mode": "active",
+                     "impl": impl, "median_s": t, "available": True})
+    targets = bench_report.evaluate_targets(bench_report.normalize_records(recs))
+    by = {(t["case"], t["mode"], t["metric"]): t for t in targets}
+    assert by[("lraspp_mobilenet_v3_large", "active", "time_over_bound")]["status"] == "met"
+    assert by[("lraspp_mobilenet_v3_large", "active", "speedup_vs_foreach")]["measured"] == pytest.approx(2.0)
+    assert by[("deeplabv3_resnet50", "inactive", "speedup_vs_foreach")]["status"] == "not measured"
+
+
+def test_pure_pytorch_fallback_shows_compiled_row_not_available(tmp_path):
+    env = dict(os.environ, SEGCLIP_BACKEND="torch")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_clip.py"), *SMOKE, "--modes",
+                           "inactive", "--no-plot", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "bench.json").read_text())
+    rec = next(r for r in data["records"] if r["impl"] == "segclip_cpu")
+    assert rec["available"] is False and rec["median_s"] is None and "SEGCLIP_BACKEND=torch" in rec["reason"]
+    row = next(ln for ln in proc.stdout.splitlines() if "segclip cpu" in ln and "synthetic_smoke" in ln)
+    assert "not available: disabled by SEGCLIP_BACKEND=torch" in row
+    assert "not available" in (out / "summary.md").read_text()
+
+
+def test_noisy_groups_are_marked():
+    recs = [{"device": "cpu", "case": "synthetic_tiny", "dtype": "fp32", "mode": "active", "impl": impl,
+             "median_s": 1e-3, "available": True, "noisy": True, "others_cpu": 0.9, "rounds_discarded": 3}
+            for impl in ("torch_foreach", "segclip_cpu", "bound")]
+    result = {"records": recs}
+    assert "NOISY: other processes kept 0.90 cores busy" in bench_report.format_rows(result)
+    assert "| synthetic_tiny (noisy) |" in bench_report.summary_markdown(result)
+    assert "1 of 1 groups still noisy" in bench_report.noise_summary(bench_report.normalize_records(result))
+
+
+def _gpu_bench_json(dry_run: bool) -> dict:
+    """The layout benchmarks/gpu_bench.py writes (env, models/<model>/<clip|noclip>/<impl>, bandwidth)."""
+    timing = {"clip": {"torch": {"median_us": 300.0}, "ops": {"median_us": 100.0}, "api": {"median_us": 120.0}},
+              "noclip": {"torch": {"median_us": 200.0}, "ops": {"median_us": 50.0}}}
+    return {"env": {"torch": "2.x", "cuda": "13.0", "device": "cpu (dry run)" if dry_run else "Some GPU",
+                    "dry_run": dry_run},
+            "models": {"lraspp_mobilenet_v3_large": {"tensors": 178, "elements": 1_000_000, **timing}},
+            "bandwidth": {"bytes": 2 << 30, "tensors": 200, "copy": {"GBps": 1000.0},
+                          "clip": {"torch": {"median_us": 9000.0}, "ops": {"median_us": 7000.0}}}}
+
+
+def test_results_page_reads_gpu_bench_layout(tmp_path):
+    for dry_run in (False, True):
+        path = tmp_path / f"gpu-{dry_run}.json"
+        path.write_text(json.dumps(_gpu_bench_json(dry_run)))
+        page_path = tmp_path / "RESULTS.md"
+        bench_report.results_main(["--gpu-json", str(path), "--out", str(page_path), "--root", str(tmp_path)])
+        page = page_path.read_text()
+        rows = [ln for ln in page.splitlines() if ln.startswith("| lraspp_mobilenet_v3_large | 178 |")]
+        if dry_run:
+            assert "is a dry run on the CPU" in page and not rows
+            continue
+        # active: torch 300 us, api (segclip cuda) 120 us = 2.5x, ops 100 us = 3x; bound = 12 MB / 1 TB/s
+        assert "120 us (2.50x, 10% of bound)" in rows[0] and "100 us (3.00x, 12% of bound)" in rows[0]
+        assert "12 us (25.00x)" in rows[0]
+        assert "| gpu_bench_2GiB_x200 | 200 |" in page and "GPU: Some GPU" in page
