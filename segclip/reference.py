@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 _WIDE = (torch.float64, torch.complex128)
-_CPU_SLICE = 1 << 14  # elements; see note: [CPU fp32 reduction error]
+_CPU_SLICE = 1 << 16  # elements; see note: [CPU fp32 reduction error]
 
 
 def accumulate_dtype(dtypes) -> torch.dtype:
@@ -52,14 +52,14 @@ def tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
             norms.extend(_norm_one(t, norm_type) for t in group)
             continue
         if device.type == "cpu" and dtype != torch.float64 and norm_type != 0:
-            # NOTE: [CPU fp32 reduction error] torch's CPU fp32 norm kernel accumulates long runs in
-            # fp32: ~4e-4 relative error on 10M elements. Norms of 16K-element slices (views, no
-            # copy), combined in float64, stay near 3e-8 (64K: 2e-7, too close to 1e-6 for p < 1). Exact for every p != 0; p = 0 counts
-            # tensors (torch's definition) and must not be sliced.
+            # NOTE: [CPU fp32 reduction error] torch's CPU fp32 norm kernels accumulate long runs in
+            # fp32: ~4e-4 relative error for the L2 norm of 10M elements, ~2e-6 for L1 or p = 0.5
+            # even on 1K elements. L2 norms of 64K-element slices (views, no copy) combined in
+            # float64 stay near 2e-7; other finite p are summed here as abs().pow(p).sum() (~3e-8).
+            # Exact regrouping for every p != 0; p = 0 counts tensors (torch's definition) and must
+            # not be sliced.
             group = [piece for t in group for piece in t.reshape(-1).split(_CPU_SLICE)]
             if not math.isinf(norm_type) and norm_type != 2:
-                # Its fp32 kernel for other p errs by ~2e-6 even on 1K elements; abs().pow().sum()
-                # stays near 3e-8, so those pieces are computed here, in float64 after the sum.
                 norms.extend(_abs_pow_sum(piece, norm_type).double() ** (1 / norm_type) for piece in group)
                 continue
         norms.extend(torch._foreach_norm(group, norm_type, dtype=accumulate_dtype([dtype])))
