@@ -24,6 +24,9 @@ using at::vec::Vectorized;
 // one thread combines the slots in index order afterwards. The result is therefore bitwise identical
 // for every torch.set_num_threads value and every call.
 constexpr int64_t kChunkElems = int64_t{1} << 16;
+// Below this many elements in all, one thread does everything: waking a second thread costs more
+// than it saves (and, when the other core is busy, can stall for milliseconds).
+constexpr int64_t kParallelMinElems = int64_t{1} << 17;
 
 // NOTE: [CPU accumulation precision]
 // Inside a chunk each vector lane accumulates in the op-math type (float for half/bfloat16/float,
@@ -138,6 +141,19 @@ struct Chunk {
   int64_t end;
 };
 
+// Runs fn(c) for every chunk index c, in parallel when there is enough work. The grain is the
+// whole range for small inputs, so at::parallel_for runs them inline on the calling thread.
+template <typename Fn>
+void for_each_chunk(const std::vector<at::Tensor>& tensors, const std::vector<Chunk>& chunks, const Fn& fn) {
+  int64_t total = 0;
+  for (const at::Tensor& t : tensors) total += t.numel();
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  const int64_t grain = total < kParallelMinElems ? std::max<int64_t>(n, 1) : 1;
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) fn(c);
+  });
+}
+
 // Chunks of all tensors in list order; see note: [CPU chunking and determinism].
 std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& tensors) {
   std::vector<Chunk> chunks;
@@ -168,14 +184,12 @@ void check_tensors(at::TensorList tensors, const char* op) {
 template <NormKind K>
 double reduce_chunks(const std::vector<at::Tensor>& flat, const std::vector<Chunk>& chunks) {
   std::vector<double> partials(chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const Chunk& ch = chunks[c];
-      const at::Tensor& t = flat[ch.tensor];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "segclip_norm_cpu", [&] {
-        partials[c] = chunk_partial<scalar_t, K>(t.const_data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin);
-      });
-    }
+  for_each_chunk(flat, chunks, [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    const at::Tensor& t = flat[ch.tensor];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "segclip_norm_cpu", [&] {
+      partials[c] = chunk_partial<scalar_t, K>(t.const_data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin);
+    });
   });
   double total = 0.0;
   for (double p : partials) total = combine<K>(total, p);
@@ -263,14 +277,12 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
     }
   }
   const std::vector<Chunk> chunks = make_chunks(flat);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const Chunk& ch = chunks[i];
-      const at::Tensor& t = flat[ch.tensor];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "segclip_scale_cpu", [&] {
-        scale_chunk<scalar_t>(t.mutable_data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin, c);
-      });
-    }
+  for_each_chunk(flat, chunks, [&](int64_t i) {
+    const Chunk& ch = chunks[i];
+    const at::Tensor& t = flat[ch.tensor];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "segclip_scale_cpu", [&] {
+      scale_chunk<scalar_t>(t.mutable_data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin, c);
+    });
   });
   // In op-math precision and rounded once, like the fused pass (mul_ would round coef to half first).
   for (at::Tensor& t : strided) {
