@@ -11,22 +11,13 @@
 
 #include "multi_tensor_apply.cuh"
 
+#include "expect.h"
+
 using namespace segclip::cuda;
+using segclip_test::g_failures;
 
 namespace {
 
-int g_failures = 0;
-
-#define EXPECT(cond, ...)                                          \
-  do {                                                             \
-    if (!(cond)) {                                                 \
-      if (++g_failures <= 20) {                                    \
-        std::fprintf(stderr, "%s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        std::fprintf(stderr, __VA_ARGS__);                         \
-        std::fprintf(stderr, "\n");                                \
-      }                                                            \
-    }                                                              \
-  } while (0)
 
 struct Spec {
   int64_t numel;

@@ -14,23 +14,14 @@
 
 #include "multi_tensor_math.cuh"
 
+#include "expect.h"
+
 using namespace segclip::cuda;
+using segclip_test::g_failures;
 
 namespace {
 
-int g_failures = 0;
 int g_cases = 0;
-
-#define EXPECT(cond, ...)                                               \
-  do {                                                                  \
-    if (!(cond)) {                                                      \
-      if (++g_failures <= 20) {                                         \
-        std::fprintf(stderr, "%s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        std::fprintf(stderr, __VA_ARGS__);                              \
-        std::fprintf(stderr, "\n");                                     \
-      }                                                                 \
-    }                                                                   \
-  } while (0)
 
 // Values exactly representable in every dtype, never 0, so that a skipped or repeated element
 // changes the integer-valued (hence exact) sums.
