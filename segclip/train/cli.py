@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import sys
 
@@ -49,6 +50,13 @@ def _guarded(command: str, func):
             print(f"segclip {command}: error: {_clean_message(exc)}", file=sys.stderr)
             return 2
     return wrapper
+
+
+def _lazy_run(module: str):
+    """``segclip.train.<module>.run``, imported only when the command runs (fast ``--help``)."""
+    def run(args):
+        return importlib.import_module(f"{__package__}.{module}").run(args)
+    return run
 
 
 def _norm_type(text: str) -> float:
@@ -185,10 +193,7 @@ def _register_eval(sub) -> None:
     p.add_argument("--out", default=None, help="JSON output (None: eval-<split>.json next to the checkpoint)")
     _add_data_options(p, for_eval=True)
 
-    def run(args):
-        from .evaluate import run as eval_run
-        return eval_run(args)
-    p.set_defaults(func=_guarded("eval", run))
+    p.set_defaults(func=_guarded("eval", _lazy_run("evaluate")))
 
 
 def _register_predict(sub) -> None:
@@ -207,10 +212,7 @@ def _register_predict(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlay colours")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
-    def run(args):
-        from .predict import run as predict_run
-        return predict_run(args)
-    p.set_defaults(func=_guarded("predict", run))
+    p.set_defaults(func=_guarded("predict", _lazy_run("predict")))
 
 
 def _register_plot(sub) -> None:
