@@ -8,14 +8,17 @@
 //
 // NOTE: [op contract]
 // Every op takes a list of tensors that all live on one device. The list may mix floating dtypes
-// (float16, bfloat16, float32, float64). Tensors may be empty, non-contiguous or misaligned.
+// (float16, bfloat16, float32, float64). Tensors may be empty, non-contiguous or misaligned (by whole
+// elements: the CUDA kernels refuse a data pointer that is not a multiple of the element size).
+// Sparse tensors are refused with an error naming the tensor.
 //  * multi_tensor_norm(tensors, norm_type) -> Tensor
 //      The norm of the concatenation of all tensors, as a 0-dim tensor on the tensors' device,
 //      float64 when any input is float64, float32 otherwise. norm_type is 1, 2 or inf.
 //      Deterministic: the same inputs give a bitwise-identical result on every call.
 //  * multi_tensor_norm_coef(tensors, norm_type, max_norm) -> (Tensor norm, Tensor coef)
 //      The norm as above plus the clip coefficient min(1, max_norm / (norm + 1e-6)) computed on the
-//      device (same dtype as norm). NaN norm gives a NaN coefficient, as in torch.
+//      device (same dtype as norm), rounded as torch rounds it (csrc/clip_coefficient.h). NaN norm
+//      gives a NaN coefficient, as in torch.
 //  * multi_tensor_scale_(tensors, coef) -> ()
 //      tensors *= coef, in place. coef is a 0-dim floating tensor on the same device. When
 //      coef >= 1 nothing is written at all (NaN is not >= 1, so NaN scales, as torch does).
@@ -23,11 +26,52 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <tuple>
+
 TORCH_LIBRARY(segclip, m) {
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");
   m.def("multi_tensor_norm_coef(Tensor[] tensors, float norm_type, float max_norm) -> (Tensor, Tensor)");
   m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()");
 }
+
+// Sparse tensors: no kernel takes them (segclip.fused_clip_ sends sparse gradients through PyTorch).
+// Without these, a list holding one would get the dispatcher's "Could not run ... with arguments
+// from the 'SparseCPU' backend" instead of a message that names the tensor.
+namespace {
+
+void refuse_sparse(at::TensorList tensors, const char* op) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(!tensors[i].defined() || tensors[i].layout() == at::kStrided, op, ": tensors[", i, "] has layout ",
+                tensors[i].layout(), "; the kernels take strided (dense) tensors only");
+  }
+  TORCH_CHECK(false, op, ": got a sparse argument; the kernels take strided (dense) tensors only");
+}
+
+at::Tensor norm_sparse(at::TensorList tensors, double) {
+  refuse_sparse(tensors, "segclip::multi_tensor_norm");
+  return {};
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_coef_sparse(at::TensorList tensors, double, double) {
+  refuse_sparse(tensors, "segclip::multi_tensor_norm_coef");
+  return {};
+}
+
+void scale_sparse(at::TensorList tensors, const at::Tensor&) { refuse_sparse(tensors, "segclip::multi_tensor_scale_"); }
+
+}  // namespace
+
+#define SEGCLIP_REFUSE_SPARSE(key)                         \
+  TORCH_LIBRARY_IMPL(segclip, key, m) {                    \
+    m.impl("multi_tensor_norm", &norm_sparse);             \
+    m.impl("multi_tensor_norm_coef", &norm_coef_sparse);   \
+    m.impl("multi_tensor_scale_", &scale_sparse);          \
+  }
+SEGCLIP_REFUSE_SPARSE(SparseCPU)
+SEGCLIP_REFUSE_SPARSE(SparseCUDA)
+SEGCLIP_REFUSE_SPARSE(SparseCsrCPU)
+SEGCLIP_REFUSE_SPARSE(SparseCsrCUDA)
+#undef SEGCLIP_REFUSE_SPARSE
 
 // Importing segclip._C loads this shared library, which runs the registrations above; the module
 // itself is empty. (No pybind11: the ops are reached through torch.ops.segclip.*.)

@@ -155,10 +155,9 @@ def out_dtype(tensors) -> torch.dtype:
 
 
 def ref_coef(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """min(1, max_norm / (norm + 1e-6)) in norm's dtype on the CPU (true division, NaN kept)."""
-    n = norm.cpu()
-    c = torch.full_like(n, max_norm) / (n + 1e-6)
-    return torch.where(torch.isnan(c), c, torch.clamp(c, max=1.0))
+    """torch.nn.utils.clip_grad_norm_'s coefficient for this norm, on the CPU: ``clamp(max_norm /
+    (norm + 1e-6), max=1)`` in norm's dtype (number / tensor is reciprocal() * number; NaN kept)."""
+    return torch.clamp(max_norm / (norm.cpu() + 1e-6), max=1.0)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -559,13 +558,18 @@ def test_cuda_graph_capture_and_replay():
         for s, f in zip(static, fresh):
             s.copy_(f)
         graph.replay()
-        eager = [f.clone() for f in fresh]
-        e_norm, e_coef = ops.multi_tensor_norm_coef(eager, 2.0, max_norm)
-        ops.multi_tensor_scale_(eager, e_coef)
+        replayed = [s.clone() for s in static]
+        # Eager on the same tensors (same strides and alignment, hence the same arithmetic): the
+        # norm of a differently laid out copy may round differently.
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        e_norm, e_coef = ops.multi_tensor_norm_coef(static, 2.0, max_norm)
+        ops.multi_tensor_scale_(static, e_coef)
         torch.cuda.synchronize()
         assert torch.equal(g_norm, e_norm) and torch.equal(g_coef, e_coef), scale
-        for i, (s, e) in enumerate(zip(static, eager)):
-            assert torch.equal(bits(s), bits(e)), f"tensors[{i}] differ after replay (scale {scale})"
+        for i, (r, e) in enumerate(zip(replayed, static)):
+            assert torch.equal(bits(r), bits(e)), f"tensors[{i}] differ after replay (scale {scale})"
+        assert_rel_close(e_norm, ref_norm(fresh, 2.0), rtol_for(static), f"norm at scale {scale}")
 
 
 @gpu_test
@@ -596,14 +600,48 @@ def test_errors_on_gpu():
         ops.multi_tensor_norm([g, torch.ones(3, dtype=torch.int32, device="cuda")], 2.0)
     with pytest.raises(RuntimeError, match=r"tensors\[0\] has dtype ComplexFloat"):
         ops.multi_tensor_norm_coef([torch.randn(3, dtype=torch.complex64, device="cuda")], 2.0, 1.0)
-    with pytest.raises(RuntimeError):  # NotImplementedError (no SparseCUDA kernel) is a RuntimeError
-        ops.multi_tensor_norm([g.to_sparse()], 2.0)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] has layout Sparse"):
+        ops.multi_tensor_norm([g, g.to_sparse()], 2.0)
     with pytest.raises(RuntimeError, match="norm_type"):
         ops.multi_tensor_norm([g], 3.0)
     with pytest.raises(RuntimeError, match="coef is on cpu"):
         ops.multi_tensor_scale_([g], torch.tensor(0.5))
     with pytest.raises(RuntimeError, match=r"tensors\[1\] is on cpu but coef is on cuda"):
         ops.multi_tensor_scale_([g, torch.randn(3)], torch.tensor(0.5, device="cuda"))
+
+
+@gpu_test
+def test_data_pointer_not_element_aligned_is_refused():
+    """A float32 tensor starting one byte into its storage: no GPU load can read it, so every op
+    refuses it by name before queuing anything, and the tensors are left as they were."""
+    base = torch.randn(4001, device="cuda")
+    try:
+        odd = torch.empty(0, device="cuda").set_(base.untyped_storage()[1:], 0, (4000,), (1,))
+    except (RuntimeError, TypeError) as e:  # slicing a CUDA storage is not public API
+        pytest.skip(f"cannot build a byte-offset CUDA tensor here: {e}")
+    assert odd.data_ptr() % 4 == 1
+    g = torch.randn(70_000, device="cuda")
+    before = g.clone()
+    match = r"tensors\[1\]'s data pointer .* is not a multiple of its element size \(4 bytes\)"
+    for call in (lambda: ops.multi_tensor_norm([g, odd], 2.0),
+                 lambda: ops.multi_tensor_norm_coef([g, odd], 2.0, 1e-3),
+                 lambda: ops.multi_tensor_scale_([g, odd], torch.tensor(0.5, device="cuda"))):
+        with pytest.raises(RuntimeError, match=match):
+            call()
+    torch.cuda.synchronize()  # the context is still usable, and nothing was written
+    assert torch.equal(g, before)
+
+
+@gpu_test
+def test_scale_reads_the_value_of_negative_and_zero_views():
+    """The scale reads coef's bytes: a negative view (bytes of -c, value c) and a zero tensor without
+    storage are resolved first."""
+    b = torch.randn(10_000, device="cuda")
+    t = b.clone()
+    ops.multi_tensor_scale_([t], torch._neg_view(torch.tensor(-0.5, device="cuda")))
+    assert torch.equal(t, expected_scaled(b, torch.tensor(0.5)))
+    ops.multi_tensor_scale_([t], torch._efficientzerotensor((), device="cuda"))
+    assert bool((t == 0).all())
 
 
 @gpu_test

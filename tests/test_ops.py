@@ -54,6 +54,37 @@ def test_norm_coef_op_values():
     assert math.isnan(coef.item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norm_coef_op_coefficient_is_bitwise_torchs(dtype):
+    """For the norm it returns, the op's coefficient is bit for bit what clip_grad_norm_ computes from
+    that norm: ``clamp(max_norm / (norm + 1e-6), max=1)``, where ``number / tensor`` is
+    ``reciprocal() * number``. (A true division differs by one ulp about a quarter of the time.)"""
+    mismatches = []
+    for _ in range(400):
+        t = torch.randn(int(torch.randint(1, 40, ())), dtype=dtype) * 10.0 ** float(torch.randint(-4, 5, ()))
+        max_norm = float(torch.rand((), dtype=torch.float64)) * 2 * float(t.norm())
+        norm, coef = torch.ops.segclip.multi_tensor_norm_coef([t], 2.0, max_norm)
+        expected = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        if not torch.equal(coef, expected):
+            mismatches.append((norm.item(), max_norm, coef.item(), expected.item()))
+    assert not mismatches, f"{len(mismatches)} of 400 differ from torch's coefficient, e.g. {mismatches[:3]}"
+
+
+def test_cpu_ops_take_a_data_pointer_that_is_not_element_aligned():
+    """A float32 tensor one byte into its storage (set_ on a byte slice): the CPU kernel reads and
+    scales it correctly (the CUDA kernel refuses it: test_cuda.py)."""
+    base = torch.empty(20_001)
+    odd = torch.empty(0).set_(base.untyped_storage()[1:], 0, (20_000,), (1,))
+    odd.copy_(torch.randn(20_000))
+    assert odd.data_ptr() % 4 == 1
+    copy = odd.clone()
+    for norm_type in (2.0, 1.0, math.inf):
+        assert_norm_close(torch.ops.segclip.multi_tensor_norm([torch.ones(3), odd], norm_type),
+                          oracle_norm([torch.ones(3), copy], norm_type), 1e-6)
+    torch.ops.segclip.multi_tensor_scale_([odd], torch.tensor(0.25))
+    assert torch.equal(odd, copy * 0.25)
+
+
 def test_scale_op_nan_coef_scales_and_coef_of_one_skips():
     x = torch.randn(100)
     y = x.clone()
@@ -69,7 +100,11 @@ def test_scale_op_nan_coef_scales_and_coef_of_one_skips():
      r"tensors\[1\] has dtype Int"),
     (lambda: torch.ops.segclip.multi_tensor_norm([torch.ones(2)], 3.0), "norm_type 1, 2 and inf, got 3"),
     (lambda: torch.ops.segclip.multi_tensor_norm([torch.ones(2, dtype=torch.complex64)], 2.0), "ComplexFloat"),
-    (lambda: torch.ops.segclip.multi_tensor_norm([torch.ones(2).to_sparse()], 2.0), "SparseCPU"),
+    (lambda: torch.ops.segclip.multi_tensor_norm([torch.ones(2).to_sparse()], 2.0), r"tensors\[0\] has layout Sparse"),
+    (lambda: torch.ops.segclip.multi_tensor_norm_coef([torch.ones(2), torch.ones(2, 2).to_sparse_csr()], 2.0, 1.0),
+     r"tensors\[1\] has layout SparseCsr"),
+    (lambda: torch.ops.segclip.multi_tensor_scale_([torch.ones(2).to_sparse()], torch.tensor(0.5)),
+     r"multi_tensor_scale_: tensors\[0\] has layout Sparse"),
     (lambda: torch.ops.segclip.multi_tensor_scale_([torch.ones(2)], torch.ones(2)), "0-dim"),
     (lambda: torch.ops.segclip.multi_tensor_scale_([torch.ones(2)], torch.tensor(1)), "floating point"),
 ])

@@ -12,6 +12,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../clip_coefficient.h"
+
 namespace segclip {
 namespace {
 
@@ -222,13 +224,6 @@ std::tuple<double, at::ScalarType> norm_impl(at::TensorList tensors, double norm
 at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
   auto [total, out_dtype] = norm_impl(tensors, norm_type, "segclip::multi_tensor_norm");
   return at::scalar_tensor(total, tensors[0].options().dtype(out_dtype));
-}
-
-// min(1, max_norm / (norm + 1e-6)) in the norm's dtype; a NaN norm gives NaN (torch.clamp keeps NaN).
-template <typename T>
-T clip_coefficient(T norm, T max_norm) {
-  const T coef = max_norm / (norm + T(1e-6));
-  return std::isnan(coef) ? coef : std::min(coef, T(1));
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_coef_cpu(at::TensorList tensors, double norm_type,

@@ -156,15 +156,16 @@ SEGCLIP_HOST_DEVICE BlockChunk block_chunk(const TensorListMeta& meta, int64_t b
 // How a chunk splits into a scalar head (elements before the first 16-byte-aligned address), whole
 // 16-byte vectors, and a scalar tail. Every chunk of a tensor has the alignment of the tensor's data
 // pointer (kChunkElems is a multiple of every vector width), so a misaligned view (x[1:]) costs only
-// a few scalar elements per chunk and the rest stays vectorised.
+// a few scalar elements per chunk and the rest stays vectorised. `p` must be aligned to the element
+// size (the host refuses other tensors: multi_tensor_cuda.cpp, check_tensors), so the head is shorter
+// than one vector and each of its elements gets a thread of its own.
 struct VecSplit {
   int head;  // scalar elements first (< elements per vector)
   int nvec;  // whole vectors after the head
   int tail;  // index (from the chunk's start) of the first element after the vectors
   SEGCLIP_HOST_DEVICE VecSplit(const void* p, int elem_bytes, int len) {
     const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(p) % kVecBytes);
-    int h = misalign == 0 ? 0 : (kVecBytes - misalign) / elem_bytes;
-    if (misalign % elem_bytes != 0) h = len;  // not even element-aligned: all scalar
+    const int h = misalign == 0 ? 0 : (kVecBytes - misalign) / elem_bytes;
     head = h < len ? h : len;
     nvec = (len - head) / (kVecBytes / elem_bytes);
     tail = head + nvec * (kVecBytes / elem_bytes);

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -77,6 +78,11 @@ at::Device check_tensors(at::TensorList tensors, const char* op, std::optional<a
                 device, "; all tensors must be on one CUDA device");
     TORCH_CHECK(to_dtype(t.scalar_type()).has_value(), op, ": tensors[", i, "] has dtype ", t.scalar_type(),
                 "; supported: float32, float64, float16, bfloat16");
+    // Possible with set_() on a byte offset of a storage, or DLPack: the GPU cannot even load such an
+    // element (a misaligned-address fault kills the CUDA context), so refuse it before anything runs.
+    TORCH_CHECK(t.numel() == 0 || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % t.element_size() == 0, op,
+                ": tensors[", i, "]'s data pointer ", t.const_data_ptr(), " is not a multiple of its element size (",
+                t.element_size(), " bytes); a CUDA kernel cannot read it (copy it with .clone() first)");
   }
   return device;
 }
@@ -151,8 +157,14 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   if (tensors.empty()) return;
   c10::cuda::CUDAGuard guard(device);
 
-  // A float8 (or other) coefficient: converted on the device, no synchronisation.
-  const at::Tensor c = to_dtype(coef.scalar_type()).has_value() ? coef : coef.to(at::kFloat);
+  // The kernel reads coef's bytes. A coefficient whose value is not its bytes (a negative view; a
+  // zero tensor without storage) or of a dtype the kernel does not read (float8) is first copied,
+  // on the device: no synchronisation.
+  const std::optional<DType> coef_dtype = to_dtype(coef.scalar_type());
+  const at::Tensor c = coef_dtype.has_value() && !coef.is_neg() && !coef._is_zerotensor()
+                           ? coef
+                           : coef.to(coef_dtype.has_value() ? coef.scalar_type() : at::kFloat, /*non_blocking=*/false,
+                                     /*copy=*/true);
   std::vector<TensorPiece> pieces;
   std::vector<at::Tensor> strided;  // see note: [CUDA non-dense tensors]
   pieces.reserve(tensors.size());

@@ -23,8 +23,18 @@ static_assert(kBlockThreads % kWarpSize == 0 && kWarps <= kWarpSize, "block_redu
 // ptxas aims at 32 registers on sm_90 and spills in scale_kernel; with 3 (cap 40) the norm kernels
 // spill on sm_80. 2 blocks (1024 threads, 32 KiB of 16-byte loads in flight per SM) are plenty for
 // a memory-bound kernel. `-Xptxas -v`: 0 bytes spilled everywhere.
-constexpr int kNormMinBlocksPerSm = 2;
-constexpr int kScaleMinBlocksPerSm = 3;
+// Turing (sm_75) holds 1024 threads per SM, so at most 2 of our blocks (ptxas ignores a larger minimum,
+// with a warning); the other targets hold 1536 or 2048.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 750
+constexpr int kMaxThreadsPerSm = 1024;
+#else
+constexpr int kMaxThreadsPerSm = 1536;
+#endif
+constexpr int min_blocks_per_sm(int wanted) {
+  return wanted * kBlockThreads <= kMaxThreadsPerSm ? wanted : kMaxThreadsPerSm / kBlockThreads;
+}
+constexpr int kNormMinBlocksPerSm = min_blocks_per_sm(2);
+constexpr int kScaleMinBlocksPerSm = min_blocks_per_sm(3);
 
 // NOTE: [CUDA determinism]
 // The norm is bitwise identical on every call with the same inputs:
@@ -61,16 +71,21 @@ __device__ __forceinline__ T block_reduce(T v) {
 }
 
 // The calling block's partial: its chunk's sum of |x|^p, or max |x|. Valid in thread 0.
+// Each thread accumulates its 128 elements in its op-math type (float; double for double), and the
+// block's 512 thread partials are combined in double: a float sum over the whole chunk would
+// overflow to inf for |x| above about 7e16 (65536 squares), where the CPU kernel stays finite.
+// A few double shuffles per 64K elements cost nothing measurable.
 template <NormKind K>
 __device__ __forceinline__ double block_partial(const TensorListMeta& meta) {
   const BlockChunk c = block_chunk(meta, blockIdx.x);
+  double v = 0.0;
   switch (c.dtype) {  // uniform across the block
-    case DType::kHalf: return block_reduce<K>(thread_partial<K, HalfT>(c.ptr, c.len, threadIdx.x));
-    case DType::kBFloat16: return block_reduce<K>(thread_partial<K, BFloat16T>(c.ptr, c.len, threadIdx.x));
-    case DType::kFloat: return block_reduce<K>(thread_partial<K, FloatT>(c.ptr, c.len, threadIdx.x));
-    case DType::kDouble: break;
+    case DType::kHalf: v = thread_partial<K, HalfT>(c.ptr, c.len, threadIdx.x); break;
+    case DType::kBFloat16: v = thread_partial<K, BFloat16T>(c.ptr, c.len, threadIdx.x); break;
+    case DType::kFloat: v = thread_partial<K, FloatT>(c.ptr, c.len, threadIdx.x); break;
+    case DType::kDouble: v = thread_partial<K, DoubleT>(c.ptr, c.len, threadIdx.x); break;
   }
-  return block_reduce<K>(thread_partial<K, DoubleT>(c.ptr, c.len, threadIdx.x));
+  return block_reduce<K>(v);
 }
 
 struct NormParams {
@@ -109,8 +124,8 @@ __device__ __forceinline__ void finalize(const NormParams& p) {
 
 // NOTE: [last-block reduction]
 // The norm needs every block's partial before it can finish, without a host synchronisation and
-// without a second pass over the data. Each block writes its partial (a double; for half/bfloat16/
-// float chunks it was accumulated in float and widens exactly) to slot first_block + blockIdx.x of
+// without a second pass over the data. Each block writes its partial (a double, see
+// block_partial) to slot first_block + blockIdx.x of
 // one buffer that spans all launches of the call, makes it visible device-wide (__threadfence), then
 // increments a counter. The block that brings the counter to total_blocks is the last one: every
 // other partial is visible to it, and it combines all slots (finalize) and writes the norm and the

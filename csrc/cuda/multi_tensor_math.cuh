@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "../clip_coefficient.h"
 #include "multi_tensor_apply.cuh"
 #include "multi_tensor_kernels.h"  // NormKind
 
@@ -140,13 +141,6 @@ SEGCLIP_UNROLL
     }
   }
   if (split.tail + tid < len) p[split.tail + tid] = Tr::store(Tr::load(p[split.tail + tid]) * c);
-}
-
-// min(1, max_norm / (norm + 1e-6)) in the norm's dtype, as the CPU kernel; NaN stays NaN (torch.clamp).
-template <typename T>
-SEGCLIP_HOST_DEVICE T clip_coefficient(T norm, T max_norm) {
-  const T coef = max_norm / (norm + T(1e-6));
-  return coef != coef ? coef : (coef < T(1) ? coef : T(1));
 }
 
 }  // namespace cuda

@@ -17,6 +17,7 @@
 #include "expect.h"
 
 using namespace segclip::cuda;
+using segclip::clip_coefficient;
 using segclip_test::g_failures;
 
 namespace {
@@ -131,12 +132,16 @@ int main() {
   ++g_cases;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
-  EXPECT(clip_coefficient(2.0f, 1.0f) == 1.0f / (2.0f + 1e-6f), "coef for norm 2");
+  EXPECT(clip_coefficient(2.0f, 1.0f) == (1.0f / (2.0f + 1e-6f)) * 1.0f, "coef for norm 2");
+  // reciprocal, then times max_norm (as torch); max_norm / (norm + 1e-6) rounds differently here
+  EXPECT(clip_coefficient(459.96793f, 0.7f) == (1.0f / (459.96793f + 1e-6f)) * 0.7f, "coef as torch");
+  EXPECT(clip_coefficient(459.96793f, 0.7f) != 0.7f / (459.96793f + 1e-6f), "coef: the two formulas differ");
   EXPECT(clip_coefficient(0.5f, 1.0f) == 1.0f, "coef for norm 0.5");
   EXPECT(clip_coefficient(0.0f, 1.0f) == 1.0f, "coef for norm 0");
   EXPECT(std::isnan(clip_coefficient(nan, 1.0f)), "coef for a NaN norm");
   EXPECT(clip_coefficient(inf, 1.0f) == 0.0f, "coef for an inf norm");
-  EXPECT(clip_coefficient(3.0, 1.0) == 1.0 / (3.0 + 1e-6), "coef in double");
+  EXPECT(clip_coefficient(55.73845533763853, 0.7) == (1.0 / (55.73845533763853 + 1e-6)) * 0.7, "coef in double");
+  EXPECT(clip_coefficient(55.73845533763853, 0.7) != 0.7 / (55.73845533763853 + 1e-6), "coef in double: formulas differ");
   if (g_failures > 0) {
     std::fprintf(stderr, "FAILED: %d checks\n", g_failures);
     return 1;
