@@ -6,7 +6,8 @@ Build switches (environment variables), each printed with its resolved value:
                       was built with CUDA; 1: require it (fail if impossible); 0: never.
   CUDA_HOME           the toolkit's root (holds bin/nvcc and include/cuda_runtime.h). When unset it
                       is resolved from the nvcc on PATH, following symlinks and wrapper scripts.
-  TORCH_CUDA_ARCH_LIST  GPU targets, default "8.0;9.0+PTX" (A100, H100/H200, PTX for newer chips).
+  TORCH_CUDA_ARCH_LIST  GPU targets, default "7.5;8.0;9.0+PTX" (T4, A100/RTX 30xx/40xx, H100/H200,
+                        PTX for newer chips).
   SEGCLIP_CPU_ARCH    native (default): compile the CPU kernels for the building machine's vector
                       width (-march=native: AVX2 / AVX-512 where present); portable: generic x86-64
                       code that runs anywhere (slower). See csrc/cpu/vec_capability.h.
@@ -60,7 +61,7 @@ if SEGCLIP_WITH_CUDA not in ("auto", "0", "1"):
 CUDA_HOME = resolve_cuda_home() if SEGCLIP_WITH_CUDA != "0" else None
 if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5;8.0;9.0+PTX")
 
 import torch  # noqa: E402  (after CUDA_HOME is settled)
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
