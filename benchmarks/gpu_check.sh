@@ -19,6 +19,8 @@ OUT_DIR="${OUT:-./gpu_results}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 PY="${PYTHON:-python3}"
+# The interpreter's own bin folder first (a venv's ninja, for the parallel build; torch looks it up on PATH).
+PY_BIN="$("$PY" -c 'import os, sys; print(os.path.dirname(sys.executable))' 2>/dev/null)" && export PATH="$PY_BIN:$PATH"
 T0=$(date +%s)
 
 BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
@@ -74,6 +76,7 @@ fi
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| torch CUDA', torch.version.cuda, '| GPU', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
   "$PY" -c "import pytest; print('pytest', pytest.__version__)" 2>&1 | tail -1
   "$PY" -c "import torchvision; print('torchvision', torchvision.__version__)" 2>&1 | tail -1
+  echo "ninja: $(ninja --version 2>&1 || echo missing)"
 } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
 
