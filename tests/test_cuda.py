@@ -445,11 +445,8 @@ def test_scale(dtype):
         before = [t.clone() for t in ts]
         ops.multi_tensor_scale_(ts, coef)
         for i, (t, b) in enumerate(zip(ts, before)):
-            exp = expected_scaled(b, coef)
-            if is_dense(t) or dtype in (torch.float32, torch.float64):
-                assert torch.equal(bits(t), bits(exp)), f"tensors[{i}] coef {coef}"
-            else:  # non-dense half/bfloat16: ATen's mul_ rounds coef to the dtype first (see the NOTE)
-                torch.testing.assert_close(t, exp, rtol=RTOL[dtype] * 8, atol=0)
+            exp = expected_scaled(b, coef)  # the non-dense view too: strided scale rounds the same way
+            assert torch.equal(bits(t), bits(exp)), f"tensors[{i}] coef {coef}"
     if hasattr(torch, "float8_e4m3fn"):  # another float dtype: converted on the device
         ts = structural_tensors(dtype)
         before = [t.clone() for t in ts]
@@ -483,17 +480,62 @@ def test_scale_skipped_when_coef_at_least_one(coef_value):
             assert torch.equal(bits(t), b), f"tensors[{i}] changed with coef {coef_value} ({coef_dtype})"
 
 
+def _gappy_views(dtype):
+    """(base, view, strided) triples: views with gaps in memory; strided: scaled by the strided
+    kernel (else by ATen's mul_: more than 8 dimensions left after merging)."""
+    def r(*shape):
+        return (torch.randn(*shape, device="cuda") * 3).to(dtype)
+    triples = []
+    for base, make, strided in [
+            (r(64, 131), lambda b: b[:, ::2], True),                       # 2 dims
+            (r(64, 130), lambda b: b[:, ::2], True),                       # merges to one strided dim
+            (r(10, 20, 30), lambda b: b[::2, :, 1:], True),                # 3 dims
+            (r(300, 517), lambda b: b.t()[:, ::3], True),                  # transposed, gappy
+            (r(6, 16, 9, 7).contiguous(memory_format=torch.channels_last), lambda b: b[:, :, ::2], True),
+            (r(*[3] * 9), lambda b: b[(slice(None, None, 2),) * 9], False)]:  # 9 dims left
+        triples.append((base, make(base), strided))
+    return triples
+
+
 @gpu_test
-def test_non_dense_view_scaled_in_place():
-    base = torch.randn(64, 130, device="cuda")
-    base_before = base.clone()
-    view = base[:, ::2]
-    assert not is_dense(view) and is_dense(base.t())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_dense_views_scaled_in_place(dtype):
+    for base, view, strided in _gappy_views(dtype):
+        assert not is_dense(view)
+        base_before = base.clone()
+        mask = torch.zeros_like(base, dtype=torch.bool)  # same strides as base
+        mask.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(True)
+        coef = torch.tensor(0.3, device="cuda")
+        other = torch.randn(1000, device="cuda").to(dtype)
+        ops.multi_tensor_scale_([other, view], coef)
+        expected = expected_scaled(base_before, coef)
+        where = f"view {tuple(view.shape)} strides {view.stride()}"
+        if strided or dtype in (torch.float32, torch.float64):
+            assert torch.equal(bits(base[mask]), bits(expected[mask])), where
+        else:  # ATen's mul_ rounds coef to the dtype first, see note: [CUDA non-dense tensors]
+            torch.testing.assert_close(base[mask], expected[mask], rtol=RTOL[dtype] * 8, atol=0, msg=where)
+        assert torch.equal(bits(base[~mask]), bits(base_before[~mask])), where  # the gaps are untouched
+
+
+@gpu_test
+def test_non_dense_views_not_written_when_nothing_to_clip():
+    """coef >= 1: views with gaps keep their exact bits, NaN payloads included (a multiply by 1
+    could hand back the GPU's canonical NaN)."""
+    for base, view, strided in _gappy_views(torch.float32):
+        if not strided:  # ATen's mul_ writes (the same values), see note: [CUDA non-dense tensors]
+            continue
+        every7 = (torch.arange(base.numel(), device="cuda") % 7 == 0).reshape(base.shape)
+        base.view(torch.int32).masked_fill_(every7, 0x7FC00123)  # NaNs with a payload, here and there
+        before = bits(base).clone()
+        ops.multi_tensor_scale_([view], torch.tensor(1.0, device="cuda"))
+        ops.multi_tensor_scale_([view], torch.tensor(INF, device="cuda"))
+        assert torch.equal(bits(base), before), f"view {tuple(view.shape)} strides {view.stride()} was written"
+
+
+@gpu_test
+def test_overlapping_views_are_refused_before_anything_is_written():
     other = torch.randn(1000, device="cuda")
     coef = torch.tensor(0.25, device="cuda")
-    ops.multi_tensor_scale_([other, view], coef)
-    assert torch.equal(base[:, ::2], base_before[:, ::2] * 0.25)
-    assert torch.equal(base[:, 1::2], base_before[:, 1::2])  # the gaps are untouched
     expanded = torch.randn(5, 1, device="cuda").expand(5, 4)
     other_before = other.clone()
     with pytest.raises(RuntimeError, match=r"tensors\[1\] has internally overlapping memory"):

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <utility>
 #include <cstdint>
 #include <vector>
 
@@ -178,6 +179,76 @@ struct alignas(kVecBytes) Pack {
   static constexpr int kSize = kVecBytes / static_cast<int>(sizeof(S));
   S v[kSize];
 };
+
+
+// NOTE: [CUDA strided scale]
+// A tensor with gaps in memory (x[:, ::2]) cannot be cut into flat chunks. The scale walks it by its
+// sizes and strides instead: element i (in row-major order of the sizes) is at strided_offset(v, i)
+// elements from ptr. make_strided_view first drops size-1 dimensions and merges each dimension into
+// the next when they are contiguous with each other (stride[d] == size[d+1] * stride[d+1]), so a
+// typical gappy view has 2 or 3 dimensions left. Scaling in place is only right when no two indices
+// share an element; make_strided_view proves that with a sufficient test (sorted by stride, each
+// stride exceeds the span of all smaller-stride dimensions) and returns false when it cannot, or
+// when more than kMaxStridedDims dimensions are left: the caller then takes another path. Strides
+// are in elements (never negative in PyTorch).
+constexpr int kMaxStridedDims = 8;
+
+struct StridedView {
+  void* ptr;
+  int64_t numel;
+  int ndim;
+  int64_t sizes[kMaxStridedDims];    // outermost first
+  int64_t strides[kMaxStridedDims];  // in elements
+  DType dtype;
+};
+
+inline bool make_strided_view(void* ptr, DType dtype, const int64_t* sizes, const int64_t* strides, int ndim,
+                              StridedView* out) {
+  StridedView v{};
+  v.ptr = ptr;
+  v.dtype = dtype;
+  v.numel = 1;
+  for (int d = ndim - 1; d >= 0; --d) {  // innermost first, so each kept dim can absorb the one outside it
+    v.numel *= sizes[d];
+    if (sizes[d] == 1) continue;
+    if (v.ndim > 0 && strides[d] == v.sizes[v.ndim - 1] * v.strides[v.ndim - 1]) {
+      v.sizes[v.ndim - 1] *= sizes[d];  // contiguous with the dimension inside it: merged
+      continue;
+    }
+    if (v.ndim == kMaxStridedDims) return false;
+    v.sizes[v.ndim] = sizes[d];
+    v.strides[v.ndim] = strides[d];
+    ++v.ndim;
+  }
+  for (int a = 0, b = v.ndim - 1; a < b; ++a, --b) {  // back to outermost first
+    std::swap(v.sizes[a], v.sizes[b]);
+    std::swap(v.strides[a], v.strides[b]);
+  }
+  int order[kMaxStridedDims];  // dimensions by increasing stride (insertion sort: at most 8)
+  for (int k = 0; k < v.ndim; ++k) {
+    int j = k;
+    for (; j > 0 && v.strides[order[j - 1]] > v.strides[k]; --j) order[j] = order[j - 1];
+    order[j] = k;
+  }
+  int64_t span = 0;  // largest offset reachable with the dimensions seen so far
+  for (int k = 0; k < v.ndim; ++k) {
+    const int d = order[k];
+    if (v.strides[d] <= span) return false;  // may overlap (or an expanded, zero-stride view)
+    span += (v.sizes[d] - 1) * v.strides[d];
+  }
+  *out = v;
+  return true;
+}
+
+// Offset (in elements) of element i, counting in row-major order of v's sizes.
+SEGCLIP_HOST_DEVICE int64_t strided_offset(const StridedView& v, int64_t i) {
+  int64_t offset = 0;
+  for (int d = v.ndim - 1; d >= 0; --d) {
+    offset += (i % v.sizes[d]) * v.strides[d];
+    i /= v.sizes[d];
+  }
+  return offset;
+}
 
 
 }  // namespace cuda

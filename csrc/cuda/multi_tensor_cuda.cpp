@@ -91,14 +91,13 @@ at::Device check_tensors(at::TensorList tensors, const char* op, std::optional<a
 // A tensor with gaps or overlaps in memory (x[:, ::2], an expanded view) cannot be processed as a
 // flat array. The norm reads a packed copy (t.contiguous(), queued on the current stream; the
 // caching allocator keeps its memory from being reused before the kernel has read it). The scale
-// runs t.mul_(min(coef, 1)) on the original tensor, in place, after the fused pass: no copy is
-// scaled and thrown away. The min (clamp_max, which keeps NaN) makes coef >= 1 a multiplication by
-// exactly 1, as the fused kernel's "nothing to clip". A view with internal overlap (expanded) is
-// refused before anything is queued (mul_ would refuse it after the fused pass had written).
-// Two differences from the fused kernel remain, both ATen's behaviour for mul_ with a 0-dim CUDA
-// tensor: the coefficient is rounded to the tensor's dtype before the multiply (only matters for
-// float16/bfloat16: up to 2^-9 relative), and the tensor is written even when coef >= 1 (with the
-// same values; a NaN may come back with another payload).
+// walks a tensor with gaps by its sizes and strides, one extra launch per such tensor (see note:
+// [CUDA strided scale]), with the fused kernel's rounding and its early exit: nothing is written
+// when coef >= 1. A view with internal overlap (expanded) is refused before anything is queued.
+// The rare view that strided scale cannot take (more than 8 dimensions left after merging, or
+// overlap that neither ATen nor make_strided_view can rule out) is scaled by ATen, as torch would:
+// t.mul_(min(coef, 1)) (clamp_max keeps NaN), which rounds coef to the tensor's dtype first (float16/
+// bfloat16: up to 2^-9 relative) and writes the tensor even when coef >= 1 (with the same values).
 std::tuple<at::Tensor, at::Tensor> norm_impl(at::TensorList tensors, double norm_type,
                                              std::optional<double> max_norm, const char* op) {
   TORCH_CHECK(!tensors.empty(), op, ": expected a non-empty list of tensors");
@@ -166,27 +165,35 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
                            : coef.to(coef_dtype.has_value() ? coef.scalar_type() : at::kFloat, /*non_blocking=*/false,
                                      /*copy=*/true);
   std::vector<TensorPiece> pieces;
-  std::vector<at::Tensor> strided;  // see note: [CUDA non-dense tensors]
+  std::vector<StridedView> gappy;  // see note: [CUDA non-dense tensors]
+  std::vector<at::Tensor> by_aten;
   pieces.reserve(tensors.size());
-  for (const at::Tensor& t : tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {  // every check before anything is written
+    const at::Tensor& t = tensors[i];
+    const DType dtype = *to_dtype(t.scalar_type());
     if (t.numel() == 0) continue;
     if (is_flat(t)) {
-      pieces.push_back({t.mutable_data_ptr(), t.numel(), *to_dtype(t.scalar_type())});
+      pieces.push_back({t.mutable_data_ptr(), t.numel(), dtype});
+      continue;
+    }
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": tensors[", i,
+                "] has internally overlapping memory (an expanded view?); it cannot be scaled in place");
+    StridedView v;
+    if (make_strided_view(t.mutable_data_ptr(), dtype, t.sizes().data(), t.strides().data(),
+                          static_cast<int>(t.dim()), &v)) {
+      gappy.push_back(v);
     } else {
-      strided.push_back(t);
+      by_aten.push_back(t);
     }
   }
-  for (size_t i = 0; i < tensors.size(); ++i) {  // before anything is written
-    if (!tensors[i].numel() || is_flat(tensors[i])) continue;
-    TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, op, ": tensors[", i,
-                "] has internally overlapping memory (an expanded view?); it cannot be scaled in place");
-  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const DType cdtype = *to_dtype(c.scalar_type());
   // Reads coef on the device; writes nothing when coef >= 1, see note: [scale: nothing to clip].
-  launch_multi_tensor_scale(pieces, c.const_data_ptr(), *to_dtype(c.scalar_type()),
-                            c10::cuda::getCurrentCUDAStream(device.index()));
-  if (!strided.empty()) {  // see note: [CUDA non-dense tensors]
+  launch_multi_tensor_scale(pieces, c.const_data_ptr(), cdtype, stream);
+  for (const StridedView& v : gappy) launch_strided_scale(v, c.const_data_ptr(), cdtype, stream);
+  if (!by_aten.empty()) {
     const at::Tensor at_most_one = at::clamp_max(c, 1.0);
-    for (at::Tensor& t : strided) t.mul_(at_most_one);
+    for (at::Tensor& t : by_aten) t.mul_(at_most_one);
   }
 }
 

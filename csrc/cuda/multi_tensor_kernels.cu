@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace segclip {
@@ -184,6 +185,24 @@ __global__ void __launch_bounds__(kBlockThreads, kScaleMinBlocksPerSm) scale_ker
   }
 }
 
+// One tensor with gaps in memory, walked by its sizes and strides, see note: [CUDA strided scale].
+// The same early exit and the same rounding as scale_kernel.
+__global__ void __launch_bounds__(kBlockThreads) strided_scale_kernel(const StridedView v, const void* coef,
+                                                                      DType coef_dtype) {
+  const double c = load_coef(coef, coef_dtype);
+  if (c >= 1.0) return;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kBlockThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlockThreads + threadIdx.x; i < v.numel; i += step) {
+    char* p = static_cast<char*>(v.ptr) + strided_offset(v, i) * elem_size(v.dtype);
+    switch (v.dtype) {  // uniform across the grid
+      case DType::kHalf: scale_element<HalfT>(reinterpret_cast<uint16_t*>(p), static_cast<float>(c)); break;
+      case DType::kBFloat16: scale_element<BFloat16T>(reinterpret_cast<uint16_t*>(p), static_cast<float>(c)); break;
+      case DType::kFloat: scale_element<FloatT>(reinterpret_cast<float*>(p), static_cast<float>(c)); break;
+      case DType::kDouble: scale_element<DoubleT>(reinterpret_cast<double*>(p), c); break;
+    }
+  }
+}
+
 // One memset, then one launch per full table, see note: [CUDA chunking and launches].
 template <NormKind K>
 void launch_norm(const std::vector<TensorPiece>& pieces, NormParams p, cudaStream_t stream) {
@@ -228,6 +247,14 @@ void launch_multi_tensor_scale(const std::vector<TensorPiece>& pieces, const voi
     scale_kernel<<<n_blocks, kBlockThreads, 0, stream>>>(meta, coef, coef_dtype);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+void launch_strided_scale(const StridedView& v, const void* coef, DType coef_dtype, cudaStream_t stream) {
+  if (v.numel == 0) return;
+  constexpr int64_t kMaxStridedBlocks = 4096;  // a grid-stride loop covers the rest
+  const int64_t blocks = std::min<int64_t>((v.numel + kBlockThreads - 1) / kBlockThreads, kMaxStridedBlocks);
+  strided_scale_kernel<<<static_cast<unsigned int>(blocks), kBlockThreads, 0, stream>>>(v, coef, coef_dtype);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda

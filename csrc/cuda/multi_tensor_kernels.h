@@ -35,5 +35,9 @@ void launch_multi_tensor_norm(NormKind kind, const std::vector<TensorPiece>& pie
 void launch_multi_tensor_scale(const std::vector<TensorPiece>& pieces, const void* coef, DType coef_dtype,
                                cudaStream_t stream);
 
+// Queues v *= *coef on `stream` for one tensor with gaps in memory (see note: [CUDA strided scale]),
+// with the rounding and the early exit of launch_multi_tensor_scale. Never synchronises.
+void launch_strided_scale(const StridedView& v, const void* coef, DType coef_dtype, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace segclip

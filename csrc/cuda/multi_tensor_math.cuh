@@ -108,6 +108,12 @@ SEGCLIP_UNROLL
   return combine<K>(combine<K>(acc[0], acc[1]), combine<K>(acc[2], acc[3]));
 }
 
+// x = round(x * c) for one element: the product in the op-math type, rounded once to the storage type.
+template <typename Tr>
+SEGCLIP_HOST_DEVICE void scale_element(typename Tr::storage* p, typename Tr::acc c) {
+  *p = Tr::store(Tr::load(*p) * c);
+}
+
 // Thread `tid`'s share of x = round(x * c) over a chunk: the product in the op-math type A, rounded
 // once to the storage type. Same element-to-thread mapping as thread_partial.
 template <typename Tr>
@@ -116,7 +122,7 @@ SEGCLIP_HOST_DEVICE void scale_chunk(void* ptr, int len, typename Tr::acc c, int
   using P = Pack<S>;
   S* p = static_cast<S*>(ptr);
   const VecSplit split(p, static_cast<int>(sizeof(S)), len);
-  if (tid < split.head) p[tid] = Tr::store(Tr::load(p[tid]) * c);
+  if (tid < split.head) scale_element<Tr>(p + tid, c);
   P* vp = reinterpret_cast<P*>(p + split.head);
   int i = tid;
   for (; i + (kILP - 1) * kBlockThreads < split.nvec; i += kILP * kBlockThreads) {
@@ -140,7 +146,7 @@ SEGCLIP_UNROLL
       vp[j] = v;
     }
   }
-  if (split.tail + tid < len) p[split.tail + tid] = Tr::store(Tr::load(p[split.tail + tid]) * c);
+  if (split.tail + tid < len) scale_element<Tr>(p + split.tail + tid, c);
 }
 
 }  // namespace cuda

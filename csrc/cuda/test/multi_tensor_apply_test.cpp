@@ -1,8 +1,9 @@
 // Host-only test of the multi-tensor apply's chunking (csrc/cuda/multi_tensor_apply.cuh): the launch
-// tables, block_chunk and VecSplit are the exact functions the kernels use, run here without a GPU
+// tables, block_chunk, VecSplit and the strided scale's indexing are the exact functions the kernels use, run here without a GPU
 // on fake addresses (nothing is dereferenced). Built and run by tests/test_cuda.py:
 //   c++ -std=c++17 -O1 -Wall -Werror -I csrc/cuda csrc/cuda/test/multi_tensor_apply_test.cpp
 // Not part of the extension (setup.py only compiles csrc/cuda/*.cpp). Prints "OK <cases>" on success.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -109,6 +110,58 @@ void check_vec_split() {
   }
 }
 
+// make_strided_view + strided_offset (the strided scale's indexing) against an odometer over the
+// original sizes and strides: the same multiset of offsets, so every element is visited exactly once.
+void check_strided(const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides, int expect_ndim,
+                   const char* name) {
+  const int ndim = static_cast<int>(sizes.size());
+  StridedView v;
+  const bool ok = make_strided_view(reinterpret_cast<void*>(uintptr_t{1} << 32), DType::kFloat, sizes.data(),
+                                    strides.data(), ndim, &v);
+  if (expect_ndim < 0) {
+    EXPECT(!ok, "%s: accepted, expected a refusal", name);
+    return;
+  }
+  EXPECT(ok, "%s: refused", name);
+  if (!ok) return;
+  EXPECT(v.ndim == expect_ndim, "%s: %d dims after merging, expected %d", name, v.ndim, expect_ndim);
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  EXPECT(v.numel == numel, "%s: numel %lld", name, (long long)v.numel);
+  std::vector<int64_t> want, got;
+  std::vector<int64_t> idx(sizes.size(), 0);
+  for (int64_t i = 0; i < numel; ++i) {
+    int64_t off = 0;
+    for (int d = 0; d < ndim; ++d) off += idx[d] * strides[d];
+    want.push_back(off);
+    for (int d = ndim - 1; d >= 0 && ++idx[d] == sizes[d]; --d) idx[d] = 0;
+    got.push_back(strided_offset(v, i));
+  }
+  std::sort(want.begin(), want.end());
+  std::sort(got.begin(), got.end());
+  EXPECT(want == got, "%s: offsets differ", name);
+  EXPECT(std::adjacent_find(got.begin(), got.end()) == got.end(), "%s: an element is visited twice", name);
+}
+
+void check_strided_views() {
+  check_strided({64, 65}, {130, 2}, 1, "x[:, ::2] of 64x130 is x.view(-1)[::2]: merged");
+  check_strided({64, 66}, {131, 2}, 2, "x[:, ::2] of 64x131");
+  check_strided({517, 100}, {1, 517 * 3}, 2, "x.t()[:, ::3]");
+  check_strided({6, 16, 5, 7}, {1008, 1, 224, 16}, 4, "channels_last x[:, :, ::2]");
+  check_strided({5, 20, 29}, {1200, 30, 1}, 3, "x[::2, :, 1:] of 10x20x30");
+  check_strided({1, 4, 1, 6}, {999, 12, 5, 2}, 1, "size-1 dims dropped, the rest merged");
+  check_strided({3, 4, 5}, {40, 10, 2}, 1, "x[..., ::2]: all merge into one strided dim");
+  check_strided({2, 2, 2, 2, 2, 2, 2, 2}, {3 << 14, 3 << 12, 3 << 10, 3 << 8, 3 << 6, 3 << 4, 3 << 2, 3}, 8,
+                "8 dims, none mergeable");
+  check_strided({2, 2, 2, 2, 2, 2, 2, 2, 2},
+                {3 << 16, 3 << 14, 3 << 12, 3 << 10, 3 << 8, 3 << 6, 3 << 4, 3 << 2, 3}, -1,
+                "9 dims left: refused");
+  check_strided({3, 3}, {1, 1}, -1, "overlapping (as_strided): refused");
+  check_strided({4, 3}, {0, 2}, -1, "expanded (zero stride): refused");
+  check_strided({4, 3}, {2, 3}, -1, "interleaved strides that may overlap: refused");
+  check_strided({int64_t{1} << 20, 3}, {int64_t{1} << 12, 1}, 2, "offsets past 2^32");
+}
+
 }  // namespace
 
 int main() {
@@ -169,6 +222,8 @@ int main() {
     ++cases;
   }
   check_vec_split();
+  ++cases;
+  check_strided_views();
   ++cases;
   if (g_failures > 0) {
     std::fprintf(stderr, "FAILED: %d checks\n", g_failures);
