@@ -482,7 +482,7 @@ def test_scale_skipped_when_coef_at_least_one(coef_value):
 
 def _gappy_views(dtype):
     """(base, view, strided) triples: views with gaps in memory; strided: scaled by the strided
-    kernel (else by ATen's mul_: more than 8 dimensions left after merging)."""
+    kernel (else out of place: more than 8 dimensions left after merging)."""
     def r(*shape):
         return (torch.randn(*shape, device="cuda") * 3).to(dtype)
     triples = []
@@ -510,10 +510,7 @@ def test_non_dense_views_scaled_in_place(dtype):
         ops.multi_tensor_scale_([other, view], coef)
         expected = expected_scaled(base_before, coef)
         where = f"view {tuple(view.shape)} strides {view.stride()}"
-        if strided or dtype in (torch.float32, torch.float64):
-            assert torch.equal(bits(base[mask]), bits(expected[mask])), where
-        else:  # ATen's mul_ rounds coef to the dtype first, see note: [CUDA non-dense tensors]
-            torch.testing.assert_close(base[mask], expected[mask], rtol=RTOL[dtype] * 8, atol=0, msg=where)
+        assert torch.equal(bits(base[mask]), bits(expected[mask])), where  # both paths round once
         assert torch.equal(bits(base[~mask]), bits(base_before[~mask])), where  # the gaps are untouched
 
 
@@ -522,7 +519,7 @@ def test_non_dense_views_not_written_when_nothing_to_clip():
     """coef >= 1: views with gaps keep their exact bits, NaN payloads included (a multiply by 1
     could hand back the GPU's canonical NaN)."""
     for base, view, strided in _gappy_views(torch.float32):
-        if not strided:  # ATen's mul_ writes (the same values), see note: [CUDA non-dense tensors]
+        if not strided:  # scaled out of place: written (same values), see note: [CUDA non-dense tensors]
             continue
         every7 = (torch.arange(base.numel(), device="cuda") % 7 == 0).reshape(base.shape)
         base.view(torch.int32).masked_fill_(every7, 0x7FC00123)  # NaNs with a payload, here and there
@@ -530,6 +527,17 @@ def test_non_dense_views_not_written_when_nothing_to_clip():
         ops.multi_tensor_scale_([view], torch.tensor(1.0, device="cuda"))
         ops.multi_tensor_scale_([view], torch.tensor(INF, device="cuda"))
         assert torch.equal(bits(base), before), f"view {tuple(view.shape)} strides {view.stride()} was written"
+
+
+@gpu_test
+def test_self_overlapping_view_is_scaled_once_per_element():
+    """as_strided((3, 3), (1, 1)): ATen cannot tell that it overlaps, the strided kernel will not take
+    it; scaled out of place, each of the 5 elements is scaled once (in-place mul_ would compound)."""
+    base = torch.randn(5, device="cuda")
+    before = base.clone()
+    ops.multi_tensor_scale_([torch.randn(100, device="cuda"), base.as_strided((3, 3), (1, 1))],
+                            torch.tensor(0.5, device="cuda"))
+    assert torch.equal(base, before * 0.5)
 
 
 @gpu_test
@@ -595,7 +603,7 @@ def test_cuda_graph_capture_and_replay():
     with torch.cuda.graph(graph):
         g_norm, g_coef = ops.multi_tensor_norm_coef(static, 2.0, max_norm)
         ops.multi_tensor_scale_(static, g_coef)
-    for scale in (10.0, 0.001, 3.0):  # clipping, no clipping, clipping
+    for scale in (10.0, 1e-5, 3.0):  # clipping, no clipping (norm about 0.1), clipping
         fresh = [(torch.randn(t.shape, device="cuda") * scale).to(t.dtype) for t in static]
         for s, f in zip(static, fresh):
             s.copy_(f)
@@ -609,6 +617,7 @@ def test_cuda_graph_capture_and_replay():
         ops.multi_tensor_scale_(static, e_coef)
         torch.cuda.synchronize()
         assert torch.equal(g_norm, e_norm) and torch.equal(g_coef, e_coef), scale
+        assert (float(e_coef) == 1.0) == (scale == 1e-5), f"coef {float(e_coef)} at scale {scale}"
         for i, (r, e) in enumerate(zip(replayed, static)):
             assert torch.equal(bits(r), bits(e)), f"tensors[{i}] differ after replay (scale {scale})"
         assert_rel_close(e_norm, ref_norm(fresh, 2.0), rtol_for(static), f"norm at scale {scale}")
@@ -675,14 +684,28 @@ def test_data_pointer_not_element_aligned_is_refused():
 
 
 @gpu_test
-def test_scale_reads_the_value_of_negative_and_zero_views():
-    """The scale reads coef's bytes: a negative view (bytes of -c, value c) and a zero tensor without
-    storage are resolved first."""
+def test_scale_reads_the_value_of_coefficients_whose_bytes_are_not_it():
+    """The scale kernel reads coef's bytes. A negative view (bytes of -c, value c) and a zero tensor
+    without storage reach the CUDA kernel directly only by redispatch (a normal call resolves them
+    first); a coefficient one byte into its storage would fault a GPU load. All three are copied."""
+    ks = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    scale = ops.multi_tensor_scale_.default
     b = torch.randn(10_000, device="cuda")
     t = b.clone()
-    ops.multi_tensor_scale_([t], torch._neg_view(torch.tensor(-0.5, device="cuda")))
+    scale.redispatch(ks, [t], torch._neg_view(torch.tensor(-0.5, device="cuda")))
     assert torch.equal(t, expected_scaled(b, torch.tensor(0.5)))
-    ops.multi_tensor_scale_([t], torch._efficientzerotensor((), device="cuda"))
+    raw = torch.zeros(8, dtype=torch.uint8, device="cuda")
+    raw[1:5] = torch.tensor([0.25]).view(torch.uint8).to("cuda")
+    try:
+        odd = torch.empty(0, device="cuda").set_(raw.untyped_storage()[1:], 0, (), ())
+    except (RuntimeError, TypeError) as e:
+        pytest.skip(f"cannot build a byte-offset CUDA tensor here: {e}")
+    assert odd.data_ptr() % 4 == 1
+    t = b.clone()
+    scale.redispatch(ks, [t], odd)
+    assert torch.equal(t, expected_scaled(b, torch.tensor(0.25)))
+    scale.redispatch(ks, [t], torch._efficientzerotensor((), device="cuda"))
+    torch.cuda.synchronize()
     assert bool((t == 0).all())
 
 
@@ -717,6 +740,13 @@ def test_tensor_over_2_pow_31_elements():
     ops.multi_tensor_scale_([x], torch.tensor(0.5, device="cuda"))
     for s, b in zip(probes, before):
         assert torch.equal(x[s], b * 0.5), s
+    # The strided kernel: a view with gaps over the whole tensor, offsets past 2^31, a grid-stride loop.
+    ops.multi_tensor_scale_([x[1::2]], torch.tensor(0.5, device="cuda"))
+    for s, b in zip(probes, before):
+        got, want = x[s], b * 0.5
+        odd = torch.arange(s.start, s.stop, device="cuda") % 2 == 1
+        want[odd] = want[odd] * 0.5
+        assert torch.equal(got, want), f"strided scale at {s}"
     del x
     torch.cuda.empty_cache()
 

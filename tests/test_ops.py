@@ -85,6 +85,15 @@ def test_cpu_ops_take_a_data_pointer_that_is_not_element_aligned():
     assert torch.equal(odd, copy * 0.25)
 
 
+def test_scale_op_scales_a_self_overlapping_view_once_per_element():
+    """as_strided((3, 3), (1, 1)) shares elements between indices; each is scaled once (an in-place
+    mul_ gives [0.5, 0.25, 0.125, 0.25, 0.5] here). The CUDA kernel does the same (test_cuda.py)."""
+    base = torch.randn(5)
+    before = base.clone()
+    torch.ops.segclip.multi_tensor_scale_([base.as_strided((3, 3), (1, 1))], torch.tensor(0.5))
+    assert torch.equal(base, before * 0.5)
+
+
 def test_scale_op_nan_coef_scales_and_coef_of_one_skips():
     x = torch.randn(100)
     y = x.clone()

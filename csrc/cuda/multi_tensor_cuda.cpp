@@ -95,9 +95,11 @@ at::Device check_tensors(at::TensorList tensors, const char* op, std::optional<a
 // [CUDA strided scale]), with the fused kernel's rounding and its early exit: nothing is written
 // when coef >= 1. A view with internal overlap (expanded) is refused before anything is queued.
 // The rare view that strided scale cannot take (more than 8 dimensions left after merging, or
-// overlap that neither ATen nor make_strided_view can rule out) is scaled by ATen, as torch would:
-// t.mul_(min(coef, 1)) (clamp_max keeps NaN), which rounds coef to the tensor's dtype first (float16/
-// bfloat16: up to 2^-9 relative) and writes the tensor even when coef >= 1 (with the same values).
+// overlap that neither ATen nor make_strided_view can rule out, as_strided((3, 3), (1, 1))) is
+// scaled out of place, like the CPU kernel: t.copy_(t in op-math * min(coef, 1)) (clamp_max keeps
+// NaN). The product is rounded once, as in the fused kernel, and an element that several indices
+// share is scaled once (an in-place mul_ would scale it once per index); but the tensor is written
+// even when coef >= 1 (with the same values).
 std::tuple<at::Tensor, at::Tensor> norm_impl(at::TensorList tensors, double norm_type,
                                              std::optional<double> max_norm, const char* op) {
   TORCH_CHECK(!tensors.empty(), op, ": expected a non-empty list of tensors");
@@ -157,10 +159,12 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   c10::cuda::CUDAGuard guard(device);
 
   // The kernel reads coef's bytes. A coefficient whose value is not its bytes (a negative view; a
-  // zero tensor without storage) or of a dtype the kernel does not read (float8) is first copied,
-  // on the device: no synchronisation.
+  // zero tensor without storage: both resolved by the dispatcher before a normal call gets here),
+  // that no GPU load can read (not aligned to its element size) or of a dtype the kernel does not
+  // read (float8) is first copied, on the device: no synchronisation.
   const std::optional<DType> coef_dtype = to_dtype(coef.scalar_type());
-  const at::Tensor c = coef_dtype.has_value() && !coef.is_neg() && !coef._is_zerotensor()
+  const bool coef_aligned = reinterpret_cast<uintptr_t>(coef.const_data_ptr()) % coef.element_size() == 0;
+  const at::Tensor c = coef_dtype.has_value() && coef_aligned && !coef.is_neg() && !coef._is_zerotensor()
                            ? coef
                            : coef.to(coef_dtype.has_value() ? coef.scalar_type() : at::kFloat, /*non_blocking=*/false,
                                      /*copy=*/true);
@@ -191,9 +195,12 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   // Reads coef on the device; writes nothing when coef >= 1, see note: [scale: nothing to clip].
   launch_multi_tensor_scale(pieces, c.const_data_ptr(), cdtype, stream);
   for (const StridedView& v : gappy) launch_strided_scale(v, c.const_data_ptr(), cdtype, stream);
-  if (!by_aten.empty()) {
+  if (!by_aten.empty()) {  // see note: [CUDA non-dense tensors]
     const at::Tensor at_most_one = at::clamp_max(c, 1.0);
-    for (at::Tensor& t : by_aten) t.mul_(at_most_one);
+    for (at::Tensor& t : by_aten) {
+      const auto opmath = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      t.copy_(t.to(opmath, /*non_blocking=*/false, /*copy=*/true).mul_(at_most_one));
+    }
   }
 }
 
