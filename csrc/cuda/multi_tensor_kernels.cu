@@ -74,8 +74,9 @@ __device__ __forceinline__ T block_reduce(T v) {
 // The calling block's partial: its chunk's sum of |x|^p, or max |x|. Valid in thread 0.
 // Each thread accumulates its 128 elements in its op-math type (float; double for double), and the
 // block's 512 thread partials are combined in double: a float sum over the whole chunk would
-// overflow to inf for |x| above about 7e16 (65536 squares), where the CPU kernel stays finite.
-// A few double shuffles per 64K elements cost nothing measurable.
+// overflow to inf for |x| above about 7e16 (65536 squares); now only a thread's 128 squares are
+// summed in float (inf above about 1.6e18, close to the CPU kernel's limit, which also sums a few
+// dozen vector loads in float). A few double shuffles per 64K elements cost nothing measurable.
 template <NormKind K>
 __device__ __forceinline__ double block_partial(const TensorListMeta& meta) {
   const BlockChunk c = block_chunk(meta, blockIdx.x);
