@@ -276,7 +276,6 @@ def main(argv=None) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
-        (args.out.parent / "gpu_bench_table.txt").write_text("\n".join(lines) + "\n")
     print()
     print("\n".join(lines))
     return 0

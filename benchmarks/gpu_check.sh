@@ -2,12 +2,17 @@
 # One-shot GPU check of segclip's CUDA kernels, for a machine with a GPU and its own torch, python3,
 # ninja and a CUDA toolkit, and no package registry (nothing is installed or downloaded):
 #   1. builds the extension in place for sm_90 (SEGCLIP_WITH_CUDA=1, CUDA_HOME resolved here),
-#   2. runs tests/test_cuda.py (then the other tests, if time allows),
+#   2. runs tests/test_cuda.py,
 #   3. runs benchmarks/gpu_bench.py,
-# writes logs and gpu_check.json into $OUT (else ./gpu_results) and prints a short table last.
+#   4. runs benchmarks/gpu_sanitize.py under compute-sanitizer's memcheck,
+#   5. runs the other tests (the trainer on the GPU among them), time-boxed,
+#   6. racecheck and synccheck, if time is left;
+# writes 8 files into $OUT (else ./gpu_results; the device tool brings back at most 8): env.txt,
+# build.log, test_cuda.log, gpu_bench.json, gpu_bench.log, sanitize.log, test_others.log,
+# gpu_check.json, and prints a short table last.
 # Budget: GPU_CHECK_BUDGET_S (default 450 s, under the 8 minutes allowed): every step runs under a
-# timeout cut from what is left, and 100 s stay reserved for the benchmark. Expected on an H200:
-# build ~1 min, tests ~1-2 min, benchmark < 1 min.
+# timeout cut from what is left, keeping time for the steps after it in the order above. Expected
+# on an H200: build < 1 min, test_cuda 1-2 min, benchmark < 1 min, each sanitizer run < 1 min.
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; works in the repository root
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
@@ -24,7 +29,7 @@ PY_BIN="$("$PY" -c 'import os, sys; print(os.path.dirname(sys.executable))' 2>/d
 T0=$(date +%s)
 
 BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
-BENCH_RESERVE_S=100
+BENCH_RESERVE_S=100  # kept for the benchmark (and memcheck) by the build and test_cuda
 
 log() { echo "[gpu_check $(($(date +%s) - T0))s] $*"; }
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
@@ -92,25 +97,17 @@ grep -E "^  [A-Za-z_ ]+ += " "$OUT_DIR/build.log" || true
 grep -iE "warning|error" "$OUT_DIR/build.log" | grep -v "Wunknown-pragmas\|pragma unroll" | tail -20 || true
 log "build rc=$BUILD_RC in ${BUILD_S}s ($(ls segclip/_C*.so 2>/dev/null | xargs -n1 basename 2>/dev/null | tr '\n' ' '))"
 
-# --- 2. tests
+# --- 2. tests/test_cuda.py
 summary_of() {  # the last pytest summary line of a log, e.g. "40 passed, 2 skipped in 12.3s"
   grep -E "^=*.*( passed| failed| error| skipped| no tests ran).*=*$" "$1" 2>/dev/null | tail -1 | sed 's/=//g; s/^ *//; s/ *$//'
 }
-TEST_RC=125; OTHER_RC=125
-if [ "$BUILD_RC" -eq 0 ] && "$PY" -c "import pytest" 2>/dev/null; then
+TEST_RC=125
+HAVE_PYTEST=0; "$PY" -c "import pytest" 2>/dev/null && HAVE_PYTEST=1
+if [ "$BUILD_RC" -eq 0 ] && [ "$HAVE_PYTEST" -eq 1 ]; then
   log "tests/test_cuda.py"
-  timeout "$(cap 240 $BENCH_RESERVE_S)" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py \
-    --junitxml="$OUT_DIR/test_cuda.xml" 2>&1 | tee "$OUT_DIR/test_cuda.log" | tail -25
+  timeout "$(cap 240 $BENCH_RESERVE_S)" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 \
+    | tee "$OUT_DIR/test_cuda.log" | tail -25
   TEST_RC=${PIPESTATUS[0]}
-  OTHERS=$(ls tests/test_*.py 2>/dev/null | grep -v "tests/test_cuda.py" || true)
-  if [ -n "$OTHERS" ] && [ "$(left)" -gt $((BENCH_RESERVE_S + 40)) ]; then
-    log "other tests (time-boxed: $(cap 120 $BENCH_RESERVE_S)s)"
-    # shellcheck disable=SC2086
-    timeout "$(cap 120 $BENCH_RESERVE_S)" "$PY" -m pytest -q -p no:cacheprovider $OTHERS -x \
-      --junitxml="$OUT_DIR/test_others.xml" > "$OUT_DIR/test_others.log" 2>&1
-    OTHER_RC=$?
-    tail -5 "$OUT_DIR/test_others.log"
-  fi
 else
   log "tests skipped (build failed or pytest missing)"
 fi
@@ -119,20 +116,58 @@ fi
 BENCH_RC=125
 if [ "$BUILD_RC" -eq 0 ]; then
   log "benchmarks/gpu_bench.py"
-  timeout "$(cap 240 5)" "$PY" benchmarks/gpu_bench.py --out "$OUT_DIR/gpu_bench.json" 2>&1 | tee "$OUT_DIR/gpu_bench.log"
+  timeout "$(cap 240 40)" "$PY" benchmarks/gpu_bench.py --out "$OUT_DIR/gpu_bench.json" 2>&1 | tee "$OUT_DIR/gpu_bench.log"
   BENCH_RC=${PIPESTATUS[0]}
 fi
+
+# --- 4. and 6. compute-sanitizer over every kernel path (benchmarks/gpu_sanitize.py), one log
+SAN="$(command -v compute-sanitizer 2>/dev/null || true)"
+if [ -z "$SAN" ] && [ -x "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" ]; then SAN="$CUDA_HOME/bin/compute-sanitizer"; fi
+declare -A SAN_RC=([memcheck]=125 [racecheck]=125 [synccheck]=125)
+sanitize() {  # sanitize TOOL MAX_SECONDS
+  if [ "$BUILD_RC" -ne 0 ] || [ -z "$SAN" ]; then return 0; fi
+  if [ "$(left)" -lt 30 ]; then log "compute-sanitizer $1: no time left"; return 0; fi
+  local t; t=$(cap "$2" 0)
+  log "compute-sanitizer --tool $1 (${t}s)"
+  echo "===== compute-sanitizer --tool $1" >> "$OUT_DIR/sanitize.log"
+  # No caching allocator: every tensor is its own allocation, so memcheck knows its exact bounds.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$SAN" --tool "$1" --error-exitcode 99 \
+    --print-limit 20 "$PY" benchmarks/gpu_sanitize.py >> "$OUT_DIR/sanitize.log" 2>&1
+  SAN_RC[$1]=$?
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|all checks passed|failed$" "$OUT_DIR/sanitize.log" | tail -2
+}
+if [ -z "$SAN" ]; then log "compute-sanitizer not found: sanitizer runs skipped"; fi
+sanitize memcheck 120
+
+# --- 5. the other tests (CPU paths are CI's; here the GPU paths among them: trainer, fused_clip_)
+OTHER_RC=125
+OTHERS=$(ls tests/test_*.py 2>/dev/null | grep -v "tests/test_cuda.py" || true)
+if [ "$BUILD_RC" -eq 0 ] && [ "$HAVE_PYTEST" -eq 1 ] && [ -n "$OTHERS" ] && [ "$(left)" -gt 40 ]; then
+  log "other tests (time-boxed: $(cap 150 0)s)"
+  # shellcheck disable=SC2086
+  timeout "$(cap 150 0)" "$PY" -m pytest -q -p no:cacheprovider $OTHERS > "$OUT_DIR/test_others.log" 2>&1
+  OTHER_RC=$?
+  tail -5 "$OUT_DIR/test_others.log"
+fi
+
+sanitize racecheck 90
+sanitize synccheck 90
 
 TOTAL_S=$(($(date +%s) - T0))
 TEST_SUMMARY="$(summary_of "$OUT_DIR/test_cuda.log")"
 OTHER_SUMMARY="$(summary_of "$OUT_DIR/test_others.log")"
-"$PY" - "$OUT_DIR" "$BUILD_RC" "$BUILD_S" "$TEST_RC" "$TEST_SUMMARY" "$OTHER_RC" "$OTHER_SUMMARY" "$BENCH_RC" "$TOTAL_S" <<'EOF'
+"$PY" - "$OUT_DIR" "$BUILD_RC" "$BUILD_S" "$TEST_RC" "$TEST_SUMMARY" "$OTHER_RC" "$OTHER_SUMMARY" "$BENCH_RC" \
+  "${SAN_RC[memcheck]}" "${SAN_RC[racecheck]}" "${SAN_RC[synccheck]}" "$TOTAL_S" <<'EOF'
 import json, sys
-out, build_rc, build_s, test_rc, test_sum, other_rc, other_sum, bench_rc, total_s = sys.argv[1:]
+(out, build_rc, build_s, test_rc, test_sum, other_rc, other_sum, bench_rc, memcheck, racecheck, synccheck,
+ total_s) = sys.argv[1:]
 result = {"build": {"rc": int(build_rc), "seconds": int(build_s)},
           "test_cuda": {"rc": int(test_rc), "summary": test_sum},
           "other_tests": {"rc": int(other_rc), "summary": other_sum},
-          "bench": {"rc": int(bench_rc), "json": "gpu_bench.json"}, "total_seconds": int(total_s)}
+          "bench": {"rc": int(bench_rc), "json": "gpu_bench.json"},
+          "sanitizer": {"memcheck": int(memcheck), "racecheck": int(racecheck), "synccheck": int(synccheck),
+                        "log": "sanitize.log"},
+          "total_seconds": int(total_s)}
 with open(f"{out}/gpu_check.json", "w") as f:
     json.dump(result, f, indent=2)
 EOF
@@ -141,11 +176,15 @@ EOF
 status() { case "$1" in 0) echo ok ;; 125) echo "not run" ;; 124) echo "TIMEOUT" ;; *) echo "FAILED (rc $1)" ;; esac; }
 echo
 echo "================ segclip gpu_check (${TOTAL_S}s, results in $OUT_DIR) ================"
-printf "%-18s %-16s %s\n" "build (sm_90)" "$(status "$BUILD_RC")" "${BUILD_S}s"
-printf "%-18s %-16s %s\n" "test_cuda.py" "$(status "$TEST_RC")" "$TEST_SUMMARY"
-printf "%-18s %-16s %s\n" "other tests" "$(status "$OTHER_RC")" "$OTHER_SUMMARY"
-printf "%-18s %-16s %s\n" "gpu_bench.py" "$(status "$BENCH_RC")" ""
-if [ -f "$OUT_DIR/gpu_bench_table.txt" ] && [ "$BENCH_RC" -eq 0 ]; then
-  cat "$OUT_DIR/gpu_bench_table.txt"
+printf "%-20s %-16s %s\n" "build (sm_90)" "$(status "$BUILD_RC")" "${BUILD_S}s"
+printf "%-20s %-16s %s\n" "test_cuda.py" "$(status "$TEST_RC")" "$TEST_SUMMARY"
+printf "%-20s %-16s %s\n" "gpu_bench.py" "$(status "$BENCH_RC")" ""
+for tool in memcheck racecheck synccheck; do
+  printf "%-20s %-16s %s\n" "sanitizer $tool" "$(status "${SAN_RC[$tool]}")" ""
+done
+printf "%-20s %-16s %s\n" "other tests" "$(status "$OTHER_RC")" "$OTHER_SUMMARY"
+if [ "$BENCH_RC" -eq 0 ]; then  # the benchmark's own table, from its JSON
+  "$PY" -c 'import json, sys; print("\n".join(json.load(open(sys.argv[1]))["summary_table"]))' "$OUT_DIR/gpu_bench.json" || true
 fi
-[ "$BUILD_RC" -eq 0 ] && [ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
+[ "$BUILD_RC" -eq 0 ] && [ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] \
+  && [ "${SAN_RC[memcheck]}" -eq 0 -o "${SAN_RC[memcheck]}" -eq 125 ]

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Every path of segclip's CUDA kernels once, on small inputs, for compute-sanitizer.
+
+benchmarks/gpu_check.sh runs it under `compute-sanitizer --tool memcheck | racecheck | synccheck`
+with PYTORCH_NO_CUDA_MEMORY_CACHING=1 (each tensor its own allocation, so memcheck sees its exact
+bounds). Paths: the fused norm for norm types 2, 1 and inf over every dtype, misaligned views,
+empties first/middle/last, a 0-dim tensor, a transposed and a channels_last tensor, a view with
+gaps (packed copy) and more tensors than one launch's table (several launches, the last-block
+reduction across them); the norm of an all-empty list; the coefficient; the fused scale with
+coef < 1 and coef >= 1 (nothing written); the strided scale; the out-of-place scale of a view that
+may overlap itself. Each result is checked against float64 on the CPU, so a race that changes a
+value fails here as well as in the sanitizer's report.
+
+    python3 benchmarks/gpu_sanitize.py             # exit 0: every check passed
+    python3 benchmarks/gpu_sanitize.py --dry-run   # on the CPU (the CPU kernels), to test this script
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # segclip from this checkout (built in place)
+
+import segclip  # noqa: E402  (loads the libraries, registers the ops)
+
+ops = torch.ops.segclip
+FAILURES: list[str] = []
+
+
+def check(ok: bool, what: str) -> None:
+    print(("ok    " if ok else "FAIL  ") + what)
+    if not ok:
+        FAILURES.append(what)
+
+
+def ref_norm(tensors, norm_type: float) -> float:
+    xs = [t.detach().cpu().double().reshape(-1) for t in tensors if t.numel() > 0]
+    if not xs:
+        return 0.0
+    x = torch.cat(xs)
+    return float(x.abs().max()) if math.isinf(norm_type) else float(torch.linalg.vector_norm(x, norm_type))
+
+
+def close(value: float, ref: float, rtol: float) -> bool:
+    return value == ref or abs(value - ref) <= rtol * abs(ref)
+
+
+def tensors(device: str) -> list[torch.Tensor]:
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device=device).to(dtype)
+    ts = [r(0), r(70_001)[1:], r(1003, dtype=torch.bfloat16)[3:], r(513, dtype=torch.float16), r(0),
+          r(129, dtype=torch.float64), r(()), r(300, 517).t(),
+          r(6, 16, 9, 7).contiguous(memory_format=torch.channels_last), r(64, 131)[:, ::2], r(3, 0, 5)]
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    ts += [r(1 + (i * 37) % 300, dtype=dtypes[i % 4]) for i in range(130)]  # > 100 tensors: several launches
+    return ts + [r(0)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="run on the CPU")
+    args = parser.parse_args()
+    if not args.dry_run and not torch.cuda.is_available():
+        print("no CUDA device: use --dry-run to exercise the script on the CPU")
+        return 2
+    device = "cpu" if args.dry_run else "cuda"
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+    ts = tensors(device)
+    for norm_type in (2.0, 1.0, math.inf):
+        got = float(ops.multi_tensor_norm(ts, norm_type))
+        check(close(got, ref_norm(ts, norm_type), 1e-3), f"norm {norm_type} over {len(ts)} tensors: {got:.6g}")
+    check(float(ops.multi_tensor_norm([torch.randn(0, device=device)], 2.0)) == 0.0, "norm of an all-empty list")
+
+    before = [t.clone() for t in ts]
+    ref = ref_norm(ts, 2.0)
+    norm, coef = ops.multi_tensor_norm_coef(ts, 2.0, ref * 10)
+    ops.multi_tensor_scale_(ts, coef)
+    check(float(coef) == 1.0 and all(torch.equal(a, b) for a, b in zip(ts, before)),
+          "coef >= 1: nothing written")
+    norm, coef = ops.multi_tensor_norm_coef(ts, 2.0, ref / 3)
+    c = float(coef)
+    check(close(c, (ref / 3) / (ref + 1e-6), 1e-3), f"coefficient {c:.6g}")
+    ops.multi_tensor_scale_(ts, coef)
+    bad = []
+    for i, (t, b) in enumerate(zip(ts, before)):  # the coefficient's error plus one rounding per element
+        exact = b.cpu().double() * c
+        fi = torch.finfo(b.dtype)
+        if bool(((t.cpu().double() - exact).abs() > exact.abs() * (1e-6 + fi.eps) + fi.tiny).any()):
+            bad.append(i)
+    check(not bad, f"fused scale of {len(ts)} tensors" + (f": wrong in tensors {bad[:10]}" if bad else ""))
+
+    views = []
+    b = torch.randn(64, 131, device=device)
+    views.append(("strided scale", b, b[:, ::2]))
+    b = torch.randn(*[3] * 9, device=device)
+    views.append(("9-dimensional view (out of place)", b, b[(slice(None, None, 2),) * 9]))
+    b = torch.randn(5, device=device)
+    views.append(("self-overlapping view (out of place)", b, b.as_strided((3, 3), (1, 1))))
+    for name, base, view in views:
+        mask = torch.zeros_like(base, dtype=torch.bool)
+        mask.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(True)
+        old = base.clone()
+        ops.multi_tensor_scale_([view], torch.tensor(0.5, device=device))
+        check(torch.equal(base[mask], old[mask] * 0.5) and torch.equal(base[~mask], old[~mask]), name)
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(f"{len(FAILURES)} failed" if FAILURES else "all checks passed")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
