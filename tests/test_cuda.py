@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import needs_cpu_kernel
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "segclip"
 INF = math.inf
@@ -770,3 +772,13 @@ def test_fused_clip_api_if_present():
         assert_rel_close(total, ref_total, 1e-6)
         for p, r in zip(params, ref):
             torch.testing.assert_close(p.grad, r.grad, rtol=1e-6, atol=1e-7)
+
+
+@needs_cpu_kernel
+def test_gpu_sanitize_script_dry_run():
+    """benchmarks/gpu_sanitize.py (run under compute-sanitizer by gpu_check.sh) on the CPU kernels:
+    its checks pass on a correct implementation, so on the GPU only a real fault can fail it."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_sanitize.py"), "--dry-run"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("all checks passed"), out.stdout + out.stderr
+    assert out.stdout.count("\nok ") + out.stdout.startswith("ok ") >= 10
