@@ -576,6 +576,11 @@ def test_nan_and_inf(norm_type):
 def test_no_host_synchronisation():
     ts = structural_tensors(torch.float32) + many_tensors(torch.float16)[:30] + [torch.randn(9, dtype=torch.float64, device="cuda")]
     empty = [torch.empty(0, device="cuda")]
+    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in ts]
+    for p, t in zip(params, ts):
+        p.grad = t.clone()
+    gappy = _gappy_views(torch.float32)
+    import segclip  # the package; its import may synchronise, so before the debug mode
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -584,8 +589,11 @@ def test_no_host_synchronisation():
         norm, coef = ops.multi_tensor_norm_coef(ts, 2.0, 0.1)
         ops.multi_tensor_scale_(ts, coef)
         ops.multi_tensor_scale_(ts, coef.half())
+        ops.multi_tensor_scale_([view for _, view, _ in gappy], coef)  # strided and out-of-place paths
         ops.multi_tensor_norm_coef(empty, 2.0, 1.0)
         ops.multi_tensor_scale_(empty, coef)
+        segclip.fused_clip_(params, 0.1)  # the public API's default path, clipping and not
+        segclip.fused_clip_(params, 1e9)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
