@@ -6,8 +6,8 @@
 #pragma once
 
 #include <algorithm>
-#include <utility>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -179,7 +179,6 @@ struct alignas(kVecBytes) Pack {
   static constexpr int kSize = kVecBytes / static_cast<int>(sizeof(S));
   S v[kSize];
 };
-
 
 // NOTE: [CUDA strided scale]
 // A tensor with gaps in memory (x[:, ::2]) cannot be cut into flat chunks. The scale walks it by its

@@ -25,7 +25,7 @@ static_assert(kBlockThreads % kWarpSize == 0 && kWarps <= kWarpSize, "block_redu
 // spill on sm_80. 2 blocks (1024 threads, 32 KiB of 16-byte loads in flight per SM) are plenty for
 // a memory-bound kernel. `-Xptxas -v`: 0 bytes spilled everywhere.
 // Turing (sm_75) holds 1024 threads per SM, so at most 2 of our blocks (ptxas ignores a larger minimum,
-// with a warning); the other targets hold 1536 or 2048.
+// with a warning). The other targets hold 2048, or 1536 on sm_86/sm_89, which run the sm_80 code.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 750
 constexpr int kMaxThreadsPerSm = 1024;
 #else
@@ -126,12 +126,11 @@ __device__ __forceinline__ void finalize(const NormParams& p) {
 
 // NOTE: [last-block reduction]
 // The norm needs every block's partial before it can finish, without a host synchronisation and
-// without a second pass over the data. Each block writes its partial (a double, see
-// block_partial) to slot first_block + blockIdx.x of
-// one buffer that spans all launches of the call, makes it visible device-wide (__threadfence), then
-// increments a counter. The block that brings the counter to total_blocks is the last one: every
-// other partial is visible to it, and it combines all slots (finalize) and writes the norm and the
-// coefficient. Launches of one call run in stream order, so the last block is in the last launch,
+// without a second pass over the data. Each block writes its partial (a double, see block_partial)
+// to slot first_block + blockIdx.x of one buffer that spans all launches of the call, makes it
+// visible device-wide (__threadfence), then increments a counter. The block that brings the counter
+// to total_blocks is the last one: every other partial is visible to it, and it combines all slots
+// (finalize) and writes the norm and the coefficient. Launches of one call run in stream order, so the last block is in the last launch,
 // and the final step runs once per call whatever the number of launches.
 // The counter and the slots come from the caching allocator per call (the counter zeroed by a
 // cudaMemsetAsync on the same stream): no state survives a call, concurrent calls on different
