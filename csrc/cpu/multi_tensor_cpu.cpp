@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../clip_coefficient.h"
+#include "../scale_out_of_place.h"
 
 namespace segclip {
 namespace {
@@ -259,7 +260,7 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
   if (c >= 1.0) return;                  // nothing to clip: write nothing (NaN is not >= 1: it scales)
 
   std::vector<at::Tensor> flat;
-  std::vector<at::Tensor> strided;  // views with gaps: scaled in place by ATen after the fused pass
+  std::vector<at::Tensor> strided;  // views with gaps: scaled after the fused pass (scale_out_of_place)
   for (size_t i = 0; i < tensors.size(); ++i) {  // every check before the first write
     const at::Tensor& t = tensors[i];
     if (t.numel() == 0) continue;
@@ -279,11 +280,7 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
       scale_chunk<scalar_t>(t.mutable_data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin, c);
     });
   });
-  // In op-math precision and rounded once, like the fused pass (mul_ would round coef to half first).
-  for (at::Tensor& t : strided) {
-    const auto opmath = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    t.copy_(t.to(opmath) * c);
-  }
+  for (const at::Tensor& t : strided) scale_out_of_place(t, c);
 }
 
 }  // namespace

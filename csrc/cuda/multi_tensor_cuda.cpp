@@ -24,6 +24,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../scale_out_of_place.h"
 #include "multi_tensor_kernels.h"
 
 namespace segclip {
@@ -96,10 +97,9 @@ at::Device check_tensors(at::TensorList tensors, const char* op, std::optional<a
 // when coef >= 1. A view with internal overlap (expanded) is refused before anything is queued.
 // The rare view that strided scale cannot take (more than 8 dimensions left after merging, or
 // overlap that neither ATen nor make_strided_view can rule out, as_strided((3, 3), (1, 1))) is
-// scaled out of place, like the CPU kernel: t.copy_(t in op-math * min(coef, 1)) (clamp_max keeps
-// NaN). The product is rounded once, as in the fused kernel, and an element that several indices
-// share is scaled once (an in-place mul_ would scale it once per index); but the tensor is written
-// even when coef >= 1 (with the same values).
+// scaled by scale_out_of_place (csrc/scale_out_of_place.h, shared with the CPU kernel) with
+// min(coef, 1) (clamp_max keeps NaN): rounded once, each element once, but written even when
+// coef >= 1 (with the same values).
 std::tuple<at::Tensor, at::Tensor> norm_impl(at::TensorList tensors, double norm_type,
                                              std::optional<double> max_norm, const char* op) {
   TORCH_CHECK(!tensors.empty(), op, ": expected a non-empty list of tensors");
@@ -170,7 +170,7 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
                                      /*copy=*/true);
   std::vector<TensorPiece> pieces;
   std::vector<StridedView> gappy;  // see note: [CUDA non-dense tensors]
-  std::vector<at::Tensor> by_aten;
+  std::vector<at::Tensor> out_of_place;
   pieces.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {  // every check before anything is written
     const at::Tensor& t = tensors[i];
@@ -187,7 +187,7 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
                           static_cast<int>(t.dim()), &v)) {
       gappy.push_back(v);
     } else {
-      by_aten.push_back(t);
+      out_of_place.push_back(t);
     }
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -195,12 +195,9 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   // Reads coef on the device; writes nothing when coef >= 1, see note: [scale: nothing to clip].
   launch_multi_tensor_scale(pieces, c.const_data_ptr(), cdtype, stream);
   for (const StridedView& v : gappy) launch_strided_scale(v, c.const_data_ptr(), cdtype, stream);
-  if (!by_aten.empty()) {  // see note: [CUDA non-dense tensors]
+  if (!out_of_place.empty()) {  // see note: [CUDA non-dense tensors]
     const at::Tensor at_most_one = at::clamp_max(c, 1.0);
-    for (at::Tensor& t : by_aten) {
-      const auto opmath = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      t.copy_(t.to(opmath, /*non_blocking=*/false, /*copy=*/true).mul_(at_most_one));
-    }
+    for (const at::Tensor& t : out_of_place) scale_out_of_place(t, at_most_one);
   }
 }
 
