@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../clip_coefficient.h"
 #include "multi_tensor_apply.cuh"
@@ -65,25 +66,20 @@ SEGCLIP_HOST_DEVICE T accumulate(T acc, T x) {
   }
 }
 
-// Thread `tid`'s share of a chunk's partial (a block of kBlockThreads threads), accumulated in the
-// op-math type (float for half/bfloat16/float, double for double) in kILP independent accumulators,
-// one per 16-byte load in flight. Element i of the chunk goes to one thread only: the head (before
-// the first 16-byte boundary) and the tail element by element, the vectors in rounds of kILP
-// coalesced loads per thread. See VecSplit.
-template <NormKind K, typename Tr>
-SEGCLIP_HOST_DEVICE typename Tr::acc thread_partial(const void* ptr, int len, int tid) {
-  static_assert(kILP == 4, "the accumulators are combined as a fixed pair of pairs");
-  using S = typename Tr::storage;
-  using A = typename Tr::acc;
-  using P = Pack<S>;
-  const S* p = static_cast<const S*>(ptr);
+// Thread `tid`'s share of a chunk (a block of kBlockThreads threads): element i of the chunk goes to
+// one thread only. The head (before the first 16-byte boundary) and the tail go element by element:
+// scalar(k, x) with k = 0 for the head, 1 for the tail. The 16-byte vectors go in rounds of kILP
+// coalesced loads per thread, all issued before any is used (kILP loads in flight): vector(k, v)
+// for the k-th load of a round. With a non-const S the vectors are stored back after vector(k, v),
+// so both callbacks may modify the elements. thread_partial and scale_chunk share this mapping.
+template <typename S, typename Scalar, typename Vector>
+SEGCLIP_HOST_DEVICE void for_thread_elements(S* p, int len, int tid, Scalar&& scalar, Vector&& vector) {
+  using P = Pack<std::remove_const_t<S>>;
+  using PP = std::conditional_t<std::is_const_v<S>, const P, P>;
+  constexpr bool kStore = !std::is_const_v<S>;
   const VecSplit split(p, static_cast<int>(sizeof(S)), len);
-  A acc[kILP];
-SEGCLIP_UNROLL
-  for (int k = 0; k < kILP; ++k) acc[k] = A(0);
-
-  if (tid < split.head) acc[0] = accumulate<K>(acc[0], Tr::load(p[tid]));
-  const P* vp = reinterpret_cast<const P*>(p + split.head);
+  if (tid < split.head) scalar(0, p[tid]);
+  PP* vp = reinterpret_cast<PP*>(p + split.head);
   int i = tid;
   for (; i + (kILP - 1) * kBlockThreads < split.nvec; i += kILP * kBlockThreads) {  // full rounds
     P v[kILP];
@@ -91,20 +87,38 @@ SEGCLIP_UNROLL
     for (int k = 0; k < kILP; ++k) v[k] = vp[i + k * kBlockThreads];
 SEGCLIP_UNROLL
     for (int k = 0; k < kILP; ++k) {
-SEGCLIP_UNROLL
-      for (int e = 0; e < P::kSize; ++e) acc[k] = accumulate<K>(acc[k], Tr::load(v[k].v[e]));
+      vector(k, v[k]);
+      if constexpr (kStore) vp[i + k * kBlockThreads] = v[k];
     }
   }
 SEGCLIP_UNROLL
   for (int k = 0; k < kILP; ++k) {  // the last, partial round
     const int j = i + k * kBlockThreads;
     if (j < split.nvec) {
-      const P v = vp[j];
-SEGCLIP_UNROLL
-      for (int e = 0; e < P::kSize; ++e) acc[k] = accumulate<K>(acc[k], Tr::load(v.v[e]));
+      P v = vp[j];
+      vector(k, v);
+      if constexpr (kStore) vp[j] = v;
     }
   }
-  if (split.tail + tid < len) acc[1] = accumulate<K>(acc[1], Tr::load(p[split.tail + tid]));
+  if (split.tail + tid < len) scalar(1, p[split.tail + tid]);
+}
+
+// Thread `tid`'s share of a chunk's partial, accumulated in the op-math type (float for half/
+// bfloat16/float, double for double) in kILP independent accumulators, one per load in flight.
+template <NormKind K, typename Tr>
+SEGCLIP_HOST_DEVICE typename Tr::acc thread_partial(const void* ptr, int len, int tid) {
+  static_assert(kILP == 4, "the accumulators are combined as a fixed pair of pairs");
+  using S = typename Tr::storage;
+  using A = typename Tr::acc;
+  A acc[kILP];
+SEGCLIP_UNROLL
+  for (int k = 0; k < kILP; ++k) acc[k] = A(0);
+  for_thread_elements(
+      static_cast<const S*>(ptr), len, tid, [&](int k, const S& x) { acc[k] = accumulate<K>(acc[k], Tr::load(x)); },
+      [&](int k, const Pack<S>& v) {
+SEGCLIP_UNROLL
+        for (int e = 0; e < Pack<S>::kSize; ++e) acc[k] = accumulate<K>(acc[k], Tr::load(v.v[e]));
+      });
   return combine<K>(combine<K>(acc[0], acc[1]), combine<K>(acc[2], acc[3]));
 }
 
@@ -114,39 +128,17 @@ SEGCLIP_HOST_DEVICE void scale_element(typename Tr::storage* p, typename Tr::acc
   *p = Tr::store(Tr::load(*p) * c);
 }
 
-// Thread `tid`'s share of x = round(x * c) over a chunk: the product in the op-math type A, rounded
-// once to the storage type. Same element-to-thread mapping as thread_partial.
+// Thread `tid`'s share of x = round(x * c) over a chunk: the product in the op-math type, rounded
+// once to the storage type.
 template <typename Tr>
 SEGCLIP_HOST_DEVICE void scale_chunk(void* ptr, int len, typename Tr::acc c, int tid) {
   using S = typename Tr::storage;
-  using P = Pack<S>;
-  S* p = static_cast<S*>(ptr);
-  const VecSplit split(p, static_cast<int>(sizeof(S)), len);
-  if (tid < split.head) scale_element<Tr>(p + tid, c);
-  P* vp = reinterpret_cast<P*>(p + split.head);
-  int i = tid;
-  for (; i + (kILP - 1) * kBlockThreads < split.nvec; i += kILP * kBlockThreads) {
-    P v[kILP];
+  for_thread_elements(
+      static_cast<S*>(ptr), len, tid, [&](int, S& x) { scale_element<Tr>(&x, c); },
+      [&](int, Pack<S>& v) {
 SEGCLIP_UNROLL
-    for (int k = 0; k < kILP; ++k) v[k] = vp[i + k * kBlockThreads];
-SEGCLIP_UNROLL
-    for (int k = 0; k < kILP; ++k) {
-SEGCLIP_UNROLL
-      for (int e = 0; e < P::kSize; ++e) v[k].v[e] = Tr::store(Tr::load(v[k].v[e]) * c);
-      vp[i + k * kBlockThreads] = v[k];
-    }
-  }
-SEGCLIP_UNROLL
-  for (int k = 0; k < kILP; ++k) {
-    const int j = i + k * kBlockThreads;
-    if (j < split.nvec) {
-      P v = vp[j];
-SEGCLIP_UNROLL
-      for (int e = 0; e < P::kSize; ++e) v.v[e] = Tr::store(Tr::load(v.v[e]) * c);
-      vp[j] = v;
-    }
-  }
-  if (split.tail + tid < len) scale_element<Tr>(p + split.tail + tid, c);
+        for (int e = 0; e < Pack<S>::kSize; ++e) scale_element<Tr>(&v.v[e], c);
+      });
 }
 
 }  // namespace cuda
