@@ -193,7 +193,8 @@ def _fast_clip(params: list, max_norm: float, norm_type: float, error_if_nonfini
 
 
 def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float = 2.0,
-                error_if_nonfinite: bool = False, *, backend: str = "auto") -> Tensor:
+                error_if_nonfinite: bool = False, foreach: bool | None = None, *,
+                backend: str = "auto") -> Tensor:
     """Clips the gradient norm of ``parameters`` in place; a drop-in for ``torch.nn.utils.clip_grad_norm_``.
 
     The norm over all gradients is taken in one fused multi-tensor pass per device; the clip
@@ -209,6 +210,9 @@ def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float 
         error_if_nonfinite: raise ``RuntimeError`` when the total norm is NaN or infinite (costs one
             host synchronisation, as in torch). When False, a NaN/inf norm scales the gradients to
             NaN/0 exactly as torch does.
+        foreach: accepted, so that calls written for torch's ``clip_grad_norm_`` run unchanged, and
+            otherwise ignored: the fused multi-tensor kernels replace torch's foreach and per-tensor
+            paths, and give the same result whatever its value.
         backend: ``"auto"`` (per device: the compiled kernel when one is built, else PyTorch),
             ``"torch"``, ``"cpu"`` or ``"cuda"`` (that kernel or an error saying why not).
 
@@ -242,13 +246,13 @@ def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float 
 clip_grad_norm_ = fused_clip_
 
 
-def total_norm(grads: _TensorOrTensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, *,
-               backend: str = "auto") -> Tensor:
-    """The norm of ``grads`` viewed as one vector, like ``torch.nn.utils.get_total_norm``.
+def total_norm(tensors: _TensorOrTensors, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+               foreach: bool | None = None, *, backend: str = "auto") -> Tensor:
+    """The norm of ``tensors`` viewed as one vector, like ``torch.nn.utils.get_total_norm``.
 
     Args:
-        grads: a Tensor or an iterable of Tensors (None entries are skipped).
-        norm_type, error_if_nonfinite, backend: as for :func:`fused_clip_`.
+        tensors: a Tensor or an iterable of Tensors (None entries are skipped), e.g. the gradients.
+        norm_type, error_if_nonfinite, foreach, backend: as for :func:`fused_clip_`.
 
     Returns:
         A 0-dim float32 tensor (float64 when any tensor is float64) on the first tensor's device;
@@ -256,13 +260,13 @@ def total_norm(grads: _TensorOrTensors, norm_type: float = 2.0, error_if_nonfini
     """
     _check_backend(backend)
     norm_type = float(norm_type)
-    tensors = []
-    for i, t in enumerate(_as_list(grads, "grads")):
+    items, tensors = _as_list(tensors, "tensors"), []
+    for i, t in enumerate(items):
         if t is None:
             continue
         if not isinstance(t, Tensor):
-            raise TypeError(f"grads[{i}] is a {type(t).__name__}, expected a Tensor")
-        _check_tensor(t, f"grads[{i}]")
+            raise TypeError(f"tensors[{i}] is a {type(t).__name__}, expected a Tensor")
+        _check_tensor(t, f"tensors[{i}]")
         tensors.append(t)
     if not tensors:
         return _empty_norm()
@@ -270,8 +274,8 @@ def total_norm(grads: _TensorOrTensors, norm_type: float = 2.0, error_if_nonfini
         return _general_norm(tensors, norm_type, None, error_if_nonfinite, backend)[1]
 
 
-def clip_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_norm: Tensor | float, *,
-                    backend: str = "auto") -> None:
+def clip_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_norm: Tensor | float,
+                    foreach: bool | None = None, *, backend: str = "auto") -> None:
     """Scales gradients in place given a precomputed total norm, like
     ``torch.nn.utils.clip_grads_with_norm_``: ``grad *= min(1, max_norm / (total_norm + 1e-6))``.
 
@@ -279,7 +283,7 @@ def clip_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_norm: T
         parameters: a Tensor or an iterable of Tensors; those without a gradient are skipped.
         max_norm: the largest allowed total norm; a non-negative number.
         total_norm: the norm (a 0-dim tensor on any device, or a number), e.g. from :func:`total_norm`.
-        backend: as for :func:`fused_clip_`.
+        foreach, backend: as for :func:`fused_clip_`.
     """
     _check_backend(backend)
     max_norm = _parse_max_norm(max_norm)

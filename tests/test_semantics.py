@@ -40,6 +40,35 @@ def test_none_grads_are_skipped_and_a_generator_is_consumed_once(backend):
     assert params[1].grad is None
 
 
+@pytest.mark.parametrize("ours, theirs", [
+    (segclip.fused_clip_, torch.nn.utils.clip_grad_norm_),
+    (segclip.total_norm, torch.nn.utils.get_total_norm),
+    (segclip.clip_with_norm_, torch.nn.utils.clip_grads_with_norm_),
+])
+def test_signatures_take_every_argument_torchs_do(ours, theirs):
+    # A drop-in must accept every call written for torch, positional or keyword, `foreach` included.
+    import inspect
+    mine = list(inspect.signature(ours).parameters.values())
+    for i, p in enumerate(inspect.signature(theirs).parameters.values()):
+        assert (mine[i].name, mine[i].kind, mine[i].default) == (p.name, p.kind, p.default)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_foreach_argument_is_accepted_and_changes_nothing(backend, foreach):
+    params, originals = make_params([(300,), (20, 7)])
+    total = segclip.clip_grad_norm_(params, 0.1, 2.0, False, foreach, backend=backend)
+    assert_norm_close(total, oracle_norm(originals, 2.0), 1e-6)
+    for p, g in zip(params, originals):
+        assert_clipped_close(p.grad, g, oracle_coef(total.item(), 0.1), 1e-6)
+    clipped = [p.grad.clone() for p in params]
+    norm = segclip.total_norm([p.grad for p in params], 2.0, False, foreach=foreach, backend=backend)
+    assert_norm_close(norm, oracle_norm(clipped, 2.0), 1e-6)
+    segclip.clip_with_norm_(params, 1e-3, norm, foreach=foreach, backend=backend)
+    for p, g in zip(params, clipped):
+        assert_clipped_close(p.grad, g, oracle_coef(norm.item(), 1e-3), 1e-6)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_single_tensor_argument(backend):
     params, originals = make_params([(100,)])
@@ -246,7 +275,7 @@ def test_integer_grad_and_non_tensor_parameter_are_named():
         segclip.fused_clip_([good[0], p], 1.0)
     with pytest.raises(TypeError, match=r"parameters\[0\] is a list"):
         segclip.fused_clip_([[1.0]], 1.0)
-    with pytest.raises(TypeError, match=r"grads\[1\]"):
+    with pytest.raises(TypeError, match=r"tensors\[1\]"):
         segclip.total_norm([torch.ones(2), 3.0])
 
 
