@@ -18,7 +18,7 @@ def env(cache: Path, **extra: str) -> dict:
     """The environment for a CLI subprocess: the synthetic cache under ``cache``, one thread."""
     e = dict(os.environ)
     e.update(SEGCLIP_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.pop("SEGCLIP_DEBUG", None)
+    e.pop("SEGCLIP_TRACEBACK", None)
     e.update(extra)
     return e
 

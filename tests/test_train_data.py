@@ -123,6 +123,11 @@ def test_cli_reports_data_errors_without_traceback(voc, tmp_path):
     r = segclip(["train", "--data", str(tmp_path / "missing"), "--epochs", "1"], tmp_path / "cache")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"dataset folder not found: {tmp_path / 'missing'}" in r.stderr
+    # SEGCLIP_DEBUG is the build's switch (-O0 -g) and leaves messages alone; SEGCLIP_TRACEBACK=1 asks for it.
+    for extra, traceback in (({"SEGCLIP_DEBUG": "1"}, False), ({"SEGCLIP_TRACEBACK": "0"}, False),
+                             ({"SEGCLIP_TRACEBACK": "1"}, True)):
+        r = segclip(["train", "--data", str(tmp_path / "missing"), "--epochs", "1"], tmp_path / "cache", **extra)
+        assert (r.returncode != 2) == traceback and ("Traceback" in r.stderr) == traceback, (extra, r.stderr)
 
 
 def test_mask_values_beyond_num_classes(voc):

@@ -1,7 +1,7 @@
 """The ``train``, ``eval``, ``predict`` and ``plot`` subcommands (registered in segclip.cli).
 
 Errors a user can fix (a missing dataset or file, a bad checkpoint) are printed as one message
-naming the path, with exit status 2; set ``SEGCLIP_DEBUG=1`` to get the traceback instead.
+naming the path, with exit status 2; set ``SEGCLIP_TRACEBACK=1`` to get the traceback instead.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _guarded(command: str, func):
         try:
             return func(args)
         except (DataError, FileNotFoundError, ValueError) as exc:
-            if os.environ.get("SEGCLIP_DEBUG"):
+            if os.environ.get("SEGCLIP_TRACEBACK", "0") == "1":
                 raise
             print(f"segclip {command}: error: {_clean_message(exc)}", file=sys.stderr)
             return 2
