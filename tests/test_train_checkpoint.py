@@ -141,3 +141,47 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
     ckpt = torch.load(killed_dir / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["scheduler"]["last_epoch"] == 12
+
+
+def test_resume_with_more_epochs_extends_the_lr_schedule(tmp_path):
+    from segclip.train.optim import PolyWarmup
+
+    cache = tmp_path / "cache"
+    run = tmp_path / "run"
+    first = segclip(["train", *TINY, "--epochs", "1", "--no-plot", "--out", str(run)], cache)
+    assert first.returncode == 0, first.stderr
+    more = segclip(["train", "--resume", str(run / "last.pt"), "--epochs", "2"], cache)
+    assert more.returncode == 0, more.stderr
+    assert "LR schedule follows this run's arguments (total steps 4 -> 8" in more.stdout
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    # Steps 5..8 use the LRs of an uninterrupted 2-epoch run (4 steps/epoch, 1 warmup epoch), not 0.
+    expected = [0.05 * PolyWarmup(8, 4)(k) for k in range(4, 8)]
+    assert [r["lr"] for r in steps[4:]] == pytest.approx(expected, rel=1e-6)
+    assert min(expected) > 0.005
+
+
+def test_changed_steps_per_epoch_moves_the_schedule_and_an_unchanged_one_is_loaded_as_saved():
+    from segclip.train.optim import build_scheduler, load_schedule
+
+    def make(total, warmup, lr=0.1):
+        opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=lr)
+        return opt, build_scheduler(opt, total, warmup)
+
+    opt, sched = make(20, 10)  # 2 epochs of 10 steps
+    for _ in range(10):
+        opt.step(); sched.step()
+    saved_opt, saved = opt.state_dict(), sched.state_dict()
+    # Unchanged: loaded exactly as saved.
+    opt2, sched2 = make(20, 10)
+    opt2.load_state_dict(saved_opt)
+    assert load_schedule(sched2, opt2, saved, 10) is None
+    assert sched2.state_dict() == saved and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    # Half the batch size: 20 steps per epoch, so epoch 1 starts at step 20 of 40, warmup 20.
+    opt3, sched3 = make(40, 20, lr=0.2)
+    opt3.load_state_dict(saved_opt)
+    note = load_schedule(sched3, opt3, saved, 20)
+    assert "total steps 20 -> 40" in note and "warmup steps 10 -> 20" in note and "peak lr 0.1 -> 0.2" in note
+    assert sched3.last_epoch == 20 and opt3.param_groups[0]["lr"] == pytest.approx(0.2)
+    sched3.step()
+    assert opt3.param_groups[0]["lr"] == pytest.approx(0.2 * (1 - 1 / 20) ** 0.9)

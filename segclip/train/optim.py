@@ -74,3 +74,41 @@ class PolyWarmup:
 def build_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, warmup_iters: int,
                     power: float = 0.9) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyWarmup(total_iters, warmup_iters, power))
+
+
+def load_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torch.optim.Optimizer,
+                  saved: dict, position: int) -> str | None:
+    """Restores a checkpoint's LR schedule into ``scheduler`` (built from this run's arguments).
+
+    When the saved schedule is the one this run would build (same total and warmup steps, power,
+    peak LR), the saved state is loaded as it is, and a resumed run replays the original exactly.
+    Otherwise (a resume with another ``--epochs``, batch size, steps per epoch, warmup or ``--lr``)
+    the schedule of this run's arguments is kept and moved to step ``position`` (the completed
+    epochs times this run's steps per epoch), the optimizer's LR set to its value there, and a note
+    describing the change is returned (None when nothing changed).
+    """
+    fresh = [dict(vars(fn)) for fn in scheduler.lr_lambdas]
+    fresh_base = list(scheduler.base_lrs)
+    scheduler.load_state_dict(saved)
+    old = [dict(vars(fn)) for fn in scheduler.lr_lambdas]
+    old_base = list(scheduler.base_lrs)
+    if old == fresh and old_base == fresh_base and scheduler.last_epoch == position:
+        return None
+    for fn, values in zip(scheduler.lr_lambdas, fresh):
+        vars(fn).update(values)
+    scheduler.base_lrs = fresh_base
+    scheduler.last_epoch = position
+    for group, base, fn in zip(optimizer.param_groups, fresh_base, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(position)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    was, now = old[0], fresh[0]
+    changes = [f"{label} {was[key]} -> {now[key]}" for key, label in
+               (("total", "total steps"), ("warmup", "warmup steps"), ("power", "poly power"))
+               if was.get(key) != now.get(key)]
+    if old_base[:1] != fresh_base[:1]:
+        changes.append(f"peak lr {old_base[0]:g} -> {fresh_base[0]:g}")
+    if not changes:
+        changes.append(f"position step {saved.get('last_epoch')} -> {position}")
+    return (f"resume: the LR schedule follows this run's arguments ({', '.join(changes)}); it continues "
+            f"at step {position} of {now['total']} with lr {scheduler._last_lr[0]:.4g}")

@@ -27,7 +27,7 @@ from .engine import NonFiniteStop, StepConfig, TrainState, train_one_epoch
 from .evaluate import evaluate
 from .metrics import format_table
 from .models import build_model, load_weights
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, load_schedule
 from .palette import class_names
 from .runlog import CONFIG, METRICS, RunLog, default_run_dir
 from .synthetic import SyntheticSpec, ensure_synthetic
@@ -237,11 +237,13 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     if resume is not None:
         dist_utils.unwrap(model).load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
+        start_epoch = int(resume["epoch"]) + 1
+        note = load_schedule(scheduler, optimizer, resume["scheduler"], start_epoch * iters_per_epoch)
+        if note:
+            log(note)
         scaler.load_state_dict(resume["scaler"])
         ts = resume["train_state"]
         state = TrainState(ts["step"], ts["skipped_total"], ts["consecutive_nonfinite"])
-        start_epoch = int(resume["epoch"]) + 1
         best_miou = resume.get("best_miou")
         rngs = resume["rng"]
         if resume.get("world_size") == info.world:
