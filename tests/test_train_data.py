@@ -190,3 +190,27 @@ def test_segmentation_set_reads_through_vocsegmentation(voc):
     _, mask = ds[0]
     with Image.open(ds.voc.masks[0]) as m:
         assert torch.equal(mask.to(torch.uint8), torch.from_numpy(np.array(m)))
+
+
+def test_split_files_of_any_name_blank_lines_and_bom(voc):
+    seg = voc / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+    train = (seg / "train.txt").read_text().split()
+    val = (seg / "val.txt").read_text().split()
+    # A byte order mark, CRLF line ends, blank lines in the middle and at the end.
+    (seg / "train_aug.txt").write_bytes(("\ufeff" + "\r\n".join(train[:3]) + "\r\n\r\n"
+                                         + "\n".join(train[3:]) + "\n\n").encode("utf-8"))
+    (seg / "test.txt").write_text("\n".join(val[:2]) + "\n")
+    loc = locate_voc(voc)
+    ds = open_split(loc, "train_aug", eval_transforms(32), 21)
+    assert len(ds) == 8 and ds.voc.images[0].endswith(f"JPEGImages/{train[0]}.jpg")
+    for i in range(len(ds)):
+        ds[i]
+    assert len(open_split(loc, "test", eval_transforms(32), 21)) == 2  # torchvision refuses "test" for 2012
+    # A standard split file with blank lines too, and a folder without train/val/trainval at all.
+    (seg / "val.txt").write_text("\n" + "\n\n".join(val) + "\n\n")
+    ds = open_split(loc, "val", eval_transforms(32), 21)
+    assert len(ds) == 4 and ds.voc.images[-1].endswith(f"{val[-1]}.jpg")
+    for name in ("train", "val", "trainval"):
+        (seg / f"{name}.txt").rename(seg / f"my{name}.txt")
+    ds = open_split(loc, "myval", eval_transforms(32), 21)
+    assert len(ds) == 4 and ds[3][1].shape == (32, 32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +118,9 @@ def check_split(loc: VOCLocation, split: str) -> list[str]:
         raise DataError(f"split file not found: {split_file}\n(the '{split}' split lists its image names "
                         f"there, one per line)\n{EXPECTED_LAYOUT}")
     try:
-        names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        # utf-8-sig: a byte order mark at the start is not part of the first name.
+        names = [line.strip() for line in split_file.read_text(encoding="utf-8-sig").splitlines()
+                 if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read split file {split_file}: {exc}") from None
     if not names:
@@ -233,12 +236,45 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+# The split names VOCSegmentation's constructor accepts (and "test" for VOC2007).
+_TORCHVISION_SPLITS = ("train", "val", "trainval")
+
+
+def _open_voc(loc: VOCLocation, split: str, names: list[str]) -> VOCSegmentation:
+    """``VOCSegmentation`` for the images ``names`` of any split file.
+
+    torchvision's constructor only accepts the image sets train/trainval/val (and test for 2007)
+    and keeps the lines of the split file as they are (a blank line becomes the image ".jpg"). So
+    it is constructed with an image set it accepts, and its ``images``/``targets`` lists are then
+    set from ``names`` (the cleaned lines of ``split``'s file, see :func:`check_split`). Reading a
+    sample stays ``VOCSegmentation.__getitem__``. When the folder has none of the standard split
+    files, the constructor reads an empty ``train.txt`` in a temporary stand-in folder instead.
+    """
+    seg_dir = loc.voc_dir / "ImageSets" / "Segmentation"
+    accepted = _TORCHVISION_SPLITS + (("test",) if loc.year == "2007" else ())
+    usable = [s for s in ((split,) if split in accepted else ()) + _TORCHVISION_SPLITS
+              if (seg_dir / f"{s}.txt").is_file()]
+    if usable:
+        voc = VOCSegmentation(str(loc.root), year=loc.year, image_set=usable[0], download=False)
+    else:
+        with tempfile.TemporaryDirectory(prefix="segclip-voc-") as stand_in:
+            stub = Path(stand_in) / DATASET_YEAR_DICT[loc.year]["base_dir"] / "ImageSets" / "Segmentation"
+            stub.mkdir(parents=True)
+            (stub / "train.txt").write_text("")
+            voc = VOCSegmentation(stand_in, year=loc.year, image_set="train", download=False)
+    voc.image_set = split
+    voc.images = [str(loc.voc_dir / "JPEGImages" / f"{n}.jpg") for n in names]
+    voc.targets = [str(loc.voc_dir / "SegmentationClass" / f"{n}.png") for n in names]
+    return voc
+
+
 def open_split(loc: VOCLocation, split: str, transforms, num_classes: int,
                seed: int | None = None) -> SegmentationSet:
-    """Checks ``split`` (see :func:`check_split`) and opens it through ``VOCSegmentation``."""
-    check_split(loc, split)
+    """Checks ``split`` (see :func:`check_split`) and opens it through ``VOCSegmentation``; any
+    split file name works (``train_aug``, ``test``, ...), see :func:`_open_voc`."""
+    names = check_split(loc, split)
     try:
-        voc = VOCSegmentation(str(loc.root), year=loc.year, image_set=split, download=False)
+        voc = _open_voc(loc, split, names)
     except (RuntimeError, OSError, ValueError) as exc:
         raise DataError(f"torchvision's VOCSegmentation cannot open {loc.voc_dir} (split {split!r}): "
                         f"{exc}\n{EXPECTED_LAYOUT}") from None
