@@ -72,3 +72,49 @@ def test_missing_images_are_one_clear_error(checkpoint, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(tmp_path / "nope.jpg"),
                  "--out", str(tmp_path / "o")]) == 2
     assert f"image not found: {tmp_path / 'nope.jpg'}" in capsys.readouterr().err
+
+
+def _save(path, w, h, seed=0, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path, **kw)
+
+
+def test_an_output_that_would_replace_an_input_is_refused_before_writing(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    _save(folder / "gray.jpg", 20, 20)
+    _save(folder / "gray.png", 20, 20, seed=1)  # gray.jpg's mask would be written over it
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(folder), "--out", str(folder),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"would replace the input image {folder / 'gray.png'}" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_clashing_names_get_unique_outputs_and_subfolders_are_mirrored(checkpoint, tmp_path, capsys):
+    photos, other, out = tmp_path / "photos", tmp_path / "other", tmp_path / "photos" / "pred"
+    for rel in ("A.JPG", "A.png", "sub/A.jpg", "sub/deeper/b.png"):
+        _save(photos / rel, 24, 20)
+    _save(other / "A.jpg", 24, 20)
+    _save(out / "old.jpg", 24, 20)  # the output folder inside an input folder is not searched
+    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(photos), str(other),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert written == sorted(["A.png", "A_overlay.png", "A_png.png", "A_png_overlay.png", "A_jpg.png",
+                              "A_jpg_overlay.png", "sub/A.png", "sub/A_overlay.png", "sub/deeper/b.png",
+                              "sub/deeper/b_overlay.png"])
+    assert f"wrote 10 files into {out}" in text and f"skipping {out}" in text
+
+
+def test_exif_orientation_is_applied(checkpoint, tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: a 40x30 sensor image is shown as 30x40
+    _save(tmp_path / "in" / "photo.jpg", 40, 30, exif=exif)
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(tmp_path / "in"),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    for name in ("photo.png", "photo_overlay.png"):
+        with Image.open(out / name) as m:
+            assert m.size == (30, 40)

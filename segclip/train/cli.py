@@ -202,7 +202,7 @@ def _register_predict(sub) -> None:
                                    "VOC's void colour) and NAME_overlay.png per image.",
                        formatter_class=FORMATTER)
     p.add_argument("--checkpoint", required=True, help="a segclip checkpoint (best.pt, last.pt)")
-    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders of images")
+    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders of images (searched recursively, tree mirrored under --out)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", type=int, default=None,
                    help="resize the shorter side to this for the model (None: the checkpoint's eval size; "

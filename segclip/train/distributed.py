@@ -32,17 +32,41 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def pick_device(device_arg: str) -> torch.device:
+    """The device ``--device`` names: ``auto`` (CUDA when visible, else CPU), ``cpu``, ``cuda`` or
+    ``cuda:N``.
+
+    Raises:
+        ValueError: not a device name, or a CUDA device this machine does not have (one line for
+            the command line, instead of torch's traceback).
+    """
+    text = str(device_arg).strip()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device_arg}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device_arg}: not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device_arg}: CUDA is not available here (torch {torch.__version__}, "
+                             f"{'built without CUDA' if torch.version.cuda is None else 'no visible GPU'}); "
+                             f"use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device_arg}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
 def setup(device_arg: str) -> tuple[DistInfo, torch.device]:
     """Initialises the process group when launched by torchrun; picks this process's device.
 
     ``device_arg``: ``auto`` (CUDA when visible, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. Under
     torchrun with CUDA, each process takes ``cuda:LOCAL_RANK``.
     """
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device_arg}: CUDA is not available here")
+    device = pick_device(device_arg)
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)

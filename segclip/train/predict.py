@@ -5,15 +5,23 @@ For each input image ``NAME.ext`` it writes into the output folder:
     NAME.png          the predicted mask as a VOC palette PNG (class indices with VOC's colours;
                       pixels below --void-below confidence are 255 = void, in VOC's void colour)
     NAME_overlay.png  the image with the mask's colours blended over it (void and background left clear)
+
+Folders are searched recursively and their tree is mirrored in the output folder (``photos/a/x.jpg``
+-> ``OUT/a/x.png``); the output folder itself is skipped when it lies inside an input folder. When
+two inputs would get the same output name (``A.JPG`` and ``A.png``, or ``x.jpg`` from two folders
+given separately), the later one (in sorted order) gets its extension in the name (``A_png.png``),
+then a number (``x_jpg-2.png``). An output that would replace one of the input images is refused
+before anything is written. Photos are turned upright by their EXIF orientation first.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
@@ -26,21 +34,91 @@ from .transforms import predict_transforms
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def collect_images(inputs: list[str]) -> list[Path]:
-    """Files given directly, and the images (by extension) in folders given, sorted."""
-    files: list[Path] = []
+def _walk(folder: Path, exclude: Path | None, skipped: list[Path]) -> list[Path]:
+    """The images under ``folder``, recursively, sorted; ``exclude`` (a folder) is left out."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            if exclude is not None and (here / d).resolve() == exclude:
+                skipped.append(here / d)
+            else:
+                keep.append(d)
+        dirnames[:] = keep
+        found += [here / f for f in sorted(filenames)
+                  if Path(f).suffix.lower() in IMAGE_EXTENSIONS and (here / f).is_file()]
+    return found
+
+
+def collect_images(inputs: list[str], exclude: str | Path | None = None,
+                   log=print) -> list[tuple[Path, PurePath]]:
+    """``(image, output name without extension)`` for the files given directly and the images (by
+    extension) found recursively in the folders given. The output name mirrors the file's place
+    below the folder given (``photos/a/x.jpg`` -> ``a/x``); a file given directly gets its stem.
+    ``exclude``: a folder never searched (the output folder). The same file given twice counts once.
+    """
+    exclude_dir = Path(exclude).expanduser().resolve() if exclude is not None else None
+    items: list[tuple[Path, PurePath]] = []
+    seen: set[Path] = set()
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file())
+            skipped: list[Path] = []
+            found = _walk(p, exclude_dir, skipped)
+            for q in skipped:
+                log(f"note: skipping {q}: it is the output folder")
             if not found:
                 raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {p}")
-            files += found
+            pairs = [(q, PurePath(q.relative_to(p)).with_suffix("")) for q in found]
         elif p.is_file():
-            files.append(p)
+            pairs = [(p, PurePath(p.stem))]
         else:
             raise DataError(f"image not found: {p}")
-    return files
+        for q, rel in pairs:
+            key = q.resolve()
+            if key not in seen:
+                seen.add(key)
+                items.append((q, rel))
+    return items
+
+
+def _names(stem: str, ext: str):
+    """Output names to try, in order: ``stem``, ``stem_ext``, ``stem_ext-2``, ``stem_ext-3``, ..."""
+    yield stem
+    yield f"{stem}_{ext}"
+    n = 2
+    while True:
+        yield f"{stem}_{ext}-{n}"
+        n += 1
+
+
+def plan_outputs(items: list[tuple[Path, PurePath]], out: Path) -> list[tuple[Path, Path, Path]]:
+    """``(image, mask path, overlay path)`` per input, every output path distinct (compared without
+    case, for case-insensitive file systems); see the module doc for how clashes are named.
+
+    Raises:
+        DataError: an output path is one of the input images (nothing has been written yet).
+    """
+    taken: set[str] = set()
+    plan = []
+    for src, rel in items:
+        for name in _names(rel.name, src.suffix.lstrip(".") or "image"):
+            mask = out / rel.parent / f"{name}.png"
+            over = out / rel.parent / f"{name}_overlay.png"
+            keys = {str(mask).lower(), str(over).lower()}
+            if not keys & taken:
+                taken |= keys
+                plan.append((src, mask, over))
+                break
+    inputs = {src.resolve(): src for src, _ in items}
+    for src, mask, over in plan:
+        for target in (mask, over):
+            if target.resolve() in inputs:
+                raise DataError(f"the output {target} (for {src}) would replace the input image "
+                                f"{inputs[target.resolve()]}; choose an --out folder that holds no input "
+                                f"images")
+    return plan
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -91,24 +169,32 @@ def predict_mask(model: torch.nn.Module, image: Image.Image, size: int | None, d
     return pred.cpu().numpy()
 
 
+def read_image(path: Path) -> Image.Image:
+    """An RGB image, turned upright by its EXIF orientation (as photo viewers show it)."""
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
 def run(args) -> int:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    from .distributed import pick_device
+
+    device = pick_device(args.device)
+    out = Path(args.out).expanduser()
+    plan = plan_outputs(collect_images(args.images, exclude=out), out)
     model, ck = load_model(args.checkpoint, device)
     size = args.size if args.size is not None else ck.get("eval_size", 520)
-    files = collect_images(args.images)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from None
+    written = 0
+    for path, mask_path, overlay_path in plan:
+        image = read_image(path)
         mask = predict_mask(model, image, size or None, device, args.void_below)
-        colourise(mask).save(out / f"{path.stem}.png")
-        overlay(image, mask, args.alpha).save(out / f"{path.stem}_overlay.png")
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        colourise(mask).save(mask_path)
+        overlay(image, mask, args.alpha).save(overlay_path)
+        written += 2
         classes = sorted(int(c) for c in np.unique(mask))
-        print(f"{path} -> {out / (path.stem + '.png')}, {out / (path.stem + '_overlay.png')}  (classes {classes})")
-    print(f"wrote {2 * len(files)} files into {out}")
+        print(f"{path} -> {mask_path}, {overlay_path}  (classes {classes})")
+    print(f"wrote {written} files into {out}")
     return 0
