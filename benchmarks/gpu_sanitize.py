@@ -112,6 +112,13 @@ def main() -> int:
         ops.multi_tensor_scale_([view], torch.tensor(0.5, device=device))
         check(torch.equal(base[mask], old[mask] * 0.5) and torch.equal(base[~mask], old[~mask]), name)
 
+    # One memory in two entries: scaled by one launch per entry, in turn (no race for racecheck to see).
+    b = torch.randn(70_000, device=device)
+    old = b.clone()
+    ops.multi_tensor_scale_([b[:50_000], b[20_000:]], torch.tensor(0.5, device=device))
+    check(torch.equal(b[20_000:50_000], old[20_000:50_000] * 0.25) and torch.equal(b[:20_000], old[:20_000] * 0.5)
+          and torch.equal(b[50_000:], old[50_000:] * 0.5), "overlapping entries scaled once per entry")
+
     if device == "cuda":
         torch.cuda.synchronize()
     print(f"{len(FAILURES)} failed" if FAILURES else "all checks passed")

@@ -24,6 +24,10 @@
 //      coef >= 1 nothing is written at all (NaN is not >= 1, so NaN scales, as torch does).
 //      Products are computed in float32 (float64 for float64 tensors) and rounded once.
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -33,6 +37,44 @@ TORCH_LIBRARY(segclip, m) {
   m.def("multi_tensor_norm_coef(Tensor[] tensors, float norm_type, float max_norm) -> (Tensor, Tensor)");
   m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()");
 }
+
+// NOTE: [version counter]
+// An in-place op must bump the version counter of what it mutates, as mul_ does: autograd then
+// refuses a saved tensor that was changed since (a gradient kept by create_graph=True and scaled
+// afterwards makes backward raise instead of giving a wrong gradient). torch's fallbacks for ops
+// without an autograd kernel bump the versions of mutated *returns* only; this op returns nothing.
+// So its Autograd kernel checks what torch's in-place ops check (before anything is written), runs
+// the kernel below autograd, and bumps every tensor's version, whether or not the kernel wrote
+// (coef >= 1 writes nothing): multiplying by 1 bumps it in torch too. Under torch.inference_mode
+// the autograd keys are skipped, and nothing is bumped, as for torch's ops.
+namespace {
+
+void multi_tensor_scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {
+  const char* op = "segclip::multi_tensor_scale_";
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (!t.defined()) continue;  // the kernel names it
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), op, ": tensors[", i,
+                "] is an inference tensor; an in-place update outside torch.inference_mode is not allowed "
+                "(clone it first)");
+    TORCH_CHECK(!(c10::GradMode::is_enabled() && t.requires_grad()), op, ": tensors[", i,
+                "] requires grad and grad mode is on; the op is not differentiable: call it under torch.no_grad()");
+  }
+  static const auto kernel = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("segclip::multi_tensor_scale_", "")
+                                 .typed<void(at::TensorList, const at::Tensor&)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    kernel.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, coef);
+  }
+  for (const at::Tensor& t : tensors) {
+    if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segclip, Autograd, m) { m.impl("multi_tensor_scale_", &multi_tensor_scale_autograd); }
 
 // Sparse tensors: no kernel takes them (segclip.fused_clip_ sends sparse gradients through PyTorch).
 // Without these, a list holding one would get the dispatcher's "Could not run ... with arguments

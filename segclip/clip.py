@@ -52,11 +52,21 @@ def _parse_max_norm(max_norm) -> float:
         value = float(max_norm)  # a CUDA tensor costs one synchronisation here; pass a float to avoid it
     elif isinstance(max_norm, numbers.Real) and not isinstance(max_norm, bool):
         value = float(max_norm)
+    elif _is_one_real(max_norm):
+        value = float(max_norm)
     else:
         raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}: {max_norm!r}")
     if not value >= 0:  # negative or NaN (written so that torch.compile can trace it)
         raise ValueError(f"max_norm must be a non-negative number, got {max_norm!r}")
     return value
+
+
+def _is_one_real(x) -> bool:
+    """A 0-dim numpy array (or the like) of a real dtype. Strings and bools are refused, although
+    float() takes them: "1.0" or True as max_norm is a mistake."""
+    if isinstance(x, (str, bytes, bool)) or not hasattr(x, "__float__") or getattr(x, "ndim", 0) != 0:
+        return False
+    return getattr(getattr(x, "dtype", None), "kind", "f") in "iuf"
 
 
 def _check_tensor(t: Tensor, what: str) -> None:
@@ -290,8 +300,9 @@ def clip_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_norm: T
     grads = _grads_of(_as_list(parameters, "parameters"))
     if not grads:
         return
-    if not isinstance(total_norm, Tensor):
-        total_norm = torch.tensor(float(total_norm), device=grads[0].device)
+    if not isinstance(total_norm, Tensor):  # a number: in the gradients' accumulation dtype
+        total_norm = torch.tensor(float(total_norm), device=grads[0].device,
+                                  dtype=reference.accumulate_dtype(g.dtype for g in grads))
     if total_norm.numel() != 1:
         raise ValueError(f"total_norm must hold one value, got shape {tuple(total_norm.shape)}")
     with torch.no_grad():

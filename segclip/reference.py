@@ -102,18 +102,59 @@ def clip_coefficient(total: Tensor, max_norm: float) -> Tensor:
 
 
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
-    """``tensors *= coef`` in place; skipped when ``coef`` lives on the CPU and is >= 1.
+    """``tensors *= coef`` in place, with the kernels' semantics; nothing is written when ``coef``
+    lives on the CPU and is >= 1 (outside torch.compile, where the product is always taken).
 
     On other devices the product is always taken (multiplying by 1 leaves values unchanged):
-    checking the value first would cost a host synchronisation.
+    checking the value first would cost a host synchronisation. As in the kernels: every check
+    comes before the first write (an expanded gradient is refused); a view that may overlap itself
+    (``as_strided``) is scaled out of place, each element once; memory shared by several entries is
+    scaled once per entry, one entry after another (see note: [tensors that share memory] in
+    csrc/shared_memory.h); every tensor's version counter is bumped, written or not, as by ``mul_``.
     """
-    if coef.device.type == "cpu" and bool(coef >= 1):
+    flat: dict[torch.device, list[Tensor]] = {}
+    if torch.compiler.is_compiling():  # traced: no memory queries; the product is always taken
+        for t in tensors:
+            if t.layout == torch.strided:
+                flat.setdefault(t.device, []).append(t)
+            else:
+                t.mul_(coef.to(t.device))
+        for device, group in flat.items():
+            torch._foreach_mul_(group, coef.to(device))
         return
-    dense: dict[torch.device, list[Tensor]] = {}
+    for i, t in enumerate(tensors):
+        if t.is_inference() and not torch.is_inference_mode_enabled():  # torch's foreach raises mid-list
+            raise RuntimeError(f"segclip::multi_tensor_scale_: tensors[{i}] is an inference tensor; an in-place "
+                               "update outside torch.inference_mode is not allowed (clone it first)")
+        if t.layout == torch.strided and torch._debug_has_internal_overlap(t) == 1:
+            raise RuntimeError(f"segclip::multi_tensor_scale_: tensors[{i}] has internally overlapping memory "
+                               "(an expanded view?); it cannot be scaled in place")
+    if coef.device.type == "cpu" and bool(coef >= 1):
+        torch.autograd.graph.increment_version(tensors)
+        return
     for t in tensors:
-        if t.layout == torch.strided:
-            dense.setdefault(t.device, []).append(t)
+        c = coef.to(t.device)
+        if t.layout != torch.strided:
+            t.mul_(c)
+        elif torch._debug_has_internal_overlap(t) == 0:  # no gaps, no overlap: foreach takes it
+            flat.setdefault(t.device, []).append(t)
+        else:  # gaps, or overlap that cannot be ruled out: each element once, rounded once
+            t.copy_(t.to(_opmath(t.dtype), copy=True).mul_(c))
+    for device, group in flat.items():
+        c = coef.to(device)
+        if _share_memory(group):
+            for t in group:
+                t.mul_(c)
         else:
-            t.mul_(coef.to(t.device))
-    for device, group in dense.items():
-        torch._foreach_mul_(group, coef.to(device))
+            torch._foreach_mul_(group, c)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype products are taken in: float32 for half/bfloat16/float32, else the dtype itself."""
+    return dtype if dtype in (torch.float64, torch.complex64, torch.complex128) else torch.float32
+
+
+def _share_memory(flat: list[Tensor]) -> bool:
+    """Whether two of these non-overlapping, dense tensors share bytes (their ranges intersect)."""
+    ranges = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in flat if t.numel())
+    return any(start < end for (_, end), (start, _) in zip(ranges, ranges[1:]))

@@ -543,6 +543,27 @@ def test_self_overlapping_view_is_scaled_once_per_element():
 
 
 @gpu_test
+def test_memory_shared_by_entries_is_scaled_once_per_entry():
+    """The same gradient twice, and two views that overlap: one fused launch would race on the shared
+    memory; see note: [tensors that share memory]. Each entry scales it in turn, as torch does."""
+    n = 3 * CHUNK + 5  # several blocks per entry
+    buf = torch.randn(n + n // 2, device="cuda")
+    alone = torch.randn(1000, device="cuda")
+    coef = torch.tensor(0.5, device="cuda")
+    for entries in ([buf[:n], alone, buf[:n]], [buf[:n], buf[n // 2:]]):
+        before = buf.clone()
+        expect = before.clone()
+        for t in entries:
+            if t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
+                start = (t.data_ptr() - buf.data_ptr()) // 4
+                expect[start:start + t.numel()] *= 0.5  # exact: a power of two
+        versions = [t._version for t in entries]
+        ops.multi_tensor_scale_(entries, coef)
+        assert torch.equal(buf, expect)
+        assert all(t._version > v for t, v in zip(entries, versions))  # bumped: autograd sees the write
+
+
+@gpu_test
 def test_overlapping_views_are_refused_before_anything_is_written():
     other = torch.randn(1000, device="cuda")
     coef = torch.tensor(0.25, device="cuda")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import segclip
-from conftest import assert_norm_close, make_params, needs_cpu_kernel, oracle_norm
+from conftest import CPU_BACKENDS, assert_norm_close, make_params, needs_cpu_kernel, oracle_norm
 
 pytestmark = needs_cpu_kernel
 
@@ -136,11 +136,14 @@ def test_scale_op_rejects_meta_device_tensor():
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_compile_fullgraph_matches_eager(backend):
+    # backend="torch" too: its scale read the coefficient on the host (bool(coef >= 1)), which
+    # fullgraph tracing refuses (a data-dependent branch).
     torch._dynamo.reset()
 
     def step(params, max_norm):
-        return segclip.fused_clip_(params, max_norm)
+        return segclip.fused_clip_(params, max_norm, backend=backend)
 
     compiled = torch.compile(step, fullgraph=True)
     for max_norm in (0.5, 1e9):  # clipping and not clipping, same graph (max_norm is a constant)

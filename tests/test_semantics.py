@@ -331,3 +331,120 @@ def test_norm_type_zero_counts_tensors_like_torch(backend):
         params, originals = make_params(shapes)
         assert segclip.fused_clip_(params, 1e9, 0.0, backend=backend).item() == len(shapes)
         assert torch.nn.utils.get_total_norm(originals, 0.0).item() == len(shapes)
+
+
+# Memory shared by several list entries; see note: [tensors that share memory] (csrc/shared_memory.h).
+
+def _aliasing_lists(n):
+    """(name, params, the memory the grads live in): entries that share memory, as torch sees them."""
+    g = torch.randn(n)
+    twice = torch.nn.Parameter(torch.zeros(n))
+    twice.grad = g.clone()
+    a, b = torch.nn.Parameter(torch.zeros(n)), torch.nn.Parameter(torch.zeros(n))
+    a.grad = g.clone()
+    b.grad = a.grad  # two parameters, one gradient tensor
+    buf = torch.randn(n + n // 2)
+    c, d = torch.nn.Parameter(torch.zeros(n)), torch.nn.Parameter(torch.zeros(n))
+    c.grad, d.grad = buf[:n], buf[n // 2:]  # overlapping views of one buffer
+    e = torch.nn.Parameter(torch.zeros(7))
+    e.grad = torch.randn(7)
+    return [("same parameter twice", [twice, e, twice], twice.grad),
+            ("one grad for two parameters", [a, b], a.grad),
+            ("overlapping views", [c, e, d], buf)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_memory_shared_by_entries_is_scaled_once_per_entry_like_torch(backend):
+    # Large enough for the CPU kernel's parallel pass (2 threads): before the fix, the two entries'
+    # chunks raced, and some elements came out scaled once instead of twice.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(3):
+            for name, params, memory in _aliasing_lists(1 << 19):
+                grads = [p.grad.clone() for p in params]
+                before = memory.clone()
+                total = segclip.fused_clip_(params, 1.0, backend=backend)
+                assert_norm_close(total, oracle_norm(grads, 2.0), 1e-6)
+                # The oracle: each entry in list order scales its memory by the float32 coefficient,
+                # each product exact in float64 and rounded once to float32.
+                coef = torch.clamp((1 / (total + 1e-6)) * 1.0, max=1.0).double()
+                expect = before.clone()
+                for p in params:
+                    if p.grad.untyped_storage().data_ptr() == memory.untyped_storage().data_ptr():
+                        start = (p.grad.data_ptr() - memory.data_ptr()) // memory.element_size()
+                        view = expect[start:start + p.grad.numel()]
+                        view.copy_((view.double() * coef).float())
+                assert torch.equal(memory, expect), name
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_scaling_bumps_the_version_counter_so_autograd_sees_it(backend):
+    params, _ = make_params([(10,), (3, 3)])
+    versions = [p.grad._version for p in params]
+    segclip.fused_clip_(params, 1e-3, backend=backend)
+    segclip.fused_clip_(params, 1e9, backend=backend)  # nothing written, bumped all the same (as mul_ by 1)
+    segclip.clip_with_norm_(params, 1e-3, 1.0, backend=backend)
+    assert [p.grad._version for p in params] == [v + 3 for v in versions]
+    # A gradient kept by create_graph=True and clipped afterwards: backward through it must refuse,
+    # as torch's clip_grad_norm_ makes it refuse, instead of silently using the scaled values.
+    w = torch.tensor([3.0, 4.0], requires_grad=True)
+    (g,) = torch.autograd.grad((w ** 3).sum(), w, create_graph=True)
+    penalty = (g * g).sum()
+    w.grad = g
+    segclip.fused_clip_([w], 1.0, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(penalty, w)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inference_tensors_are_refused_outside_inference_mode_before_any_write(backend):
+    with torch.inference_mode():
+        params, originals = make_params([(50,), (4, 4)])
+    with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+        segclip.fused_clip_(params, 1e-3, backend=backend)
+    for p, g in zip(params, originals):
+        assert torch.equal(p.grad, g)
+    with torch.inference_mode():  # inside, they are clipped
+        total = segclip.fused_clip_(params, 1e-3, backend=backend)
+    for p, g in zip(params, originals):
+        assert_clipped_close(p.grad, g, oracle_coef(total.item(), 1e-3), 1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_self_overlapping_and_expanded_grads_behave_alike_on_every_backend(backend):
+    base = torch.randn(7)
+    before = base.clone()
+    p, q = torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(3))
+    p.grad = base.as_strided((4, 4), (1, 1))  # indices share elements: each element scaled once
+    q.grad = torch.randn(3)
+    total = segclip.fused_clip_([q, p], 1e-2, backend=backend)
+    coef = torch.clamp((1 / (total + 1e-6)) * 1e-2, max=1.0).double()
+    assert torch.equal(base, (before.double() * coef).float())
+    # An expanded gradient is refused before anything is written, the dense one before it included.
+    r = torch.nn.Parameter(torch.zeros(3, 2))
+    r.grad = torch.ones(3, 1).expand(3, 2)
+    dense = q.grad.clone()
+    with pytest.raises(RuntimeError, match="internally overlapping memory"):
+        segclip.fused_clip_([q, r], 1e-3, backend=backend)
+    assert torch.equal(q.grad, dense)
+
+
+def test_clip_with_norm_takes_a_number_in_the_gradients_precision():
+    p = torch.nn.Parameter(torch.zeros(100, dtype=torch.float64))
+    p.grad = torch.randn(100, dtype=torch.float64)
+    g = p.grad.clone()
+    segclip.clip_with_norm_([p], 0.3, 1.7)
+    assert torch.equal(p.grad, g * ((1 / (torch.tensor(1.7, dtype=torch.float64) + 1e-6)) * 0.3))
+
+
+def test_max_norm_may_be_a_zero_dim_numpy_array_but_not_a_bool():
+    np = pytest.importorskip("numpy")
+    params, originals = make_params([(30,)])
+    total = segclip.fused_clip_(params, np.array(0.5))
+    assert_clipped_close(params[0].grad, originals[0], oracle_coef(total.item(), 0.5), 1e-6)
+    for bad in (True, np.array([0.5]), np.array(True)):
+        with pytest.raises(TypeError, match="max_norm"):
+            segclip.fused_clip_(params, bad)

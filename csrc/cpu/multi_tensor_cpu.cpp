@@ -14,6 +14,7 @@
 
 #include "../clip_coefficient.h"
 #include "../scale_out_of_place.h"
+#include "../shared_memory.h"
 
 namespace segclip {
 namespace {
@@ -260,26 +261,35 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
   if (c >= 1.0) return;                  // nothing to clip: write nothing (NaN is not >= 1: it scales)
 
   std::vector<at::Tensor> flat;
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // of flat; see note: [tensors that share memory]
   std::vector<at::Tensor> strided;  // views with gaps: scaled after the fused pass (scale_out_of_place)
   for (size_t i = 0; i < tensors.size(); ++i) {  // every check before the first write
     const at::Tensor& t = tensors[i];
     if (t.numel() == 0) continue;
     if (is_flat(t)) {
       flat.push_back(t);
+      ranges.push_back(byte_range(t));
     } else {
       TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": tensors[", i,
                   "] has internally overlapping memory (an expanded view?); it cannot be scaled in place");
       strided.push_back(t);
     }
   }
-  const std::vector<Chunk> chunks = make_chunks(flat);
-  for_each_chunk(flat, chunks, [&](int64_t i) {
-    const Chunk& ch = chunks[i];
-    const at::Tensor& t = flat[ch.tensor];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "segclip_scale_cpu", [&] {
-      scale_chunk<scalar_t>(t.mutable_data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin, c);
+  const auto scale_all = [c](const std::vector<at::Tensor>& ts) {  // one parallel region over their chunks
+    const std::vector<Chunk> chunks = make_chunks(ts);
+    for_each_chunk(ts, chunks, [&](int64_t i) {
+      const Chunk& ch = chunks[i];
+      const at::Tensor& t = ts[ch.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "segclip_scale_cpu", [&] {
+        scale_chunk<scalar_t>(t.mutable_data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin, c);
+      });
     });
-  });
+  };
+  if (any_ranges_intersect(std::move(ranges))) {
+    for (const at::Tensor& t : flat) scale_all({t});  // one at a time, in list order
+  } else {
+    scale_all(flat);
+  }
   for (const at::Tensor& t : strided) scale_out_of_place(t, c);
 }
 

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../scale_out_of_place.h"
+#include "../shared_memory.h"
 #include "multi_tensor_kernels.h"
 
 namespace segclip {
@@ -169,15 +170,18 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
                            : coef.to(coef_dtype.has_value() ? coef.scalar_type() : at::kFloat, /*non_blocking=*/false,
                                      /*copy=*/true);
   std::vector<TensorPiece> pieces;
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // of pieces; see note: [tensors that share memory]
   std::vector<StridedView> gappy;  // see note: [CUDA non-dense tensors]
   std::vector<at::Tensor> out_of_place;
   pieces.reserve(tensors.size());
+  ranges.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {  // every check before anything is written
     const at::Tensor& t = tensors[i];
     const DType dtype = *to_dtype(t.scalar_type());
     if (t.numel() == 0) continue;
     if (is_flat(t)) {
       pieces.push_back({t.mutable_data_ptr(), t.numel(), dtype});
+      ranges.push_back(byte_range(t));
       continue;
     }
     TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": tensors[", i,
@@ -193,7 +197,11 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
   const DType cdtype = *to_dtype(c.scalar_type());
   // Reads coef on the device; writes nothing when coef >= 1, see note: [scale: nothing to clip].
-  launch_multi_tensor_scale(pieces, c.const_data_ptr(), cdtype, stream);
+  if (any_ranges_intersect(std::move(ranges))) {  // one launch per tensor: the stream orders them
+    for (const TensorPiece& piece : pieces) launch_multi_tensor_scale({piece}, c.const_data_ptr(), cdtype, stream);
+  } else {
+    launch_multi_tensor_scale(pieces, c.const_data_ptr(), cdtype, stream);
+  }
   for (const StridedView& v : gappy) launch_strided_scale(v, c.const_data_ptr(), cdtype, stream);
   if (!out_of_place.empty()) {  // see note: [CUDA non-dense tensors]
     const at::Tensor at_most_one = at::clamp_max(c, 1.0);
