@@ -11,7 +11,7 @@ from PIL import Image
 
 from _train_util import TINY, segclip, tiny_voc
 from segclip.train.data import (DataError, SegmentationSet, check_split, eval_loader, locate_voc,
-                                open_split, pad_collate, sample_seed)
+                                open_split, pad_collate, sample_seed, train_loader)
 from segclip.train.palette import VOID, voc_colour
 from segclip.train.synthetic import SyntheticSpec, ensure_synthetic
 from segclip.train.transforms import eval_transforms, train_transforms
@@ -108,7 +108,11 @@ def test_unreadable_image_is_one_clear_error(voc):
         ds[0]
     # Through a DataLoader worker too, the message names the file.
     with pytest.raises(DataError, match=f"cannot read {bad}"):
-        next(iter(eval_loader(ds, 2, workers=1)))
+        for _ in train_loader(ds, 2, workers=1, seed=0):
+            pass
+    # The evaluation loader checks its images and masks before the first batch.
+    with pytest.raises(DataError, match=f"cannot read {bad}"):
+        eval_loader(ds, 2, workers=0)
 
 
 def test_cli_reports_data_errors_without_traceback(voc, tmp_path):
@@ -214,3 +218,58 @@ def test_split_files_of_any_name_blank_lines_and_bom(voc):
         (seg / f"{name}.txt").rename(seg / f"my{name}.txt")
     ds = open_split(loc, "myval", eval_transforms(32), 21)
     assert len(ds) == 4 and ds[3][1].shape == (32, 32)
+
+
+def _mixed_sizes(voc, sizes):
+    """Resizes the val images (and masks, nearest) of ``voc`` to ``sizes`` in turn."""
+    d = voc / "VOCdevkit" / "VOC2012"
+    names = (d / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    for name, size in zip(names, sizes):
+        for sub, ext, resample in (("JPEGImages", "jpg", Image.BILINEAR), ("SegmentationClass", "png", Image.NEAREST)):
+            with Image.open(d / sub / f"{name}.{ext}") as im:
+                im.load()
+            im.resize(size, resample).save(d / sub / f"{name}.{ext}")
+    return names
+
+
+def test_evaluation_does_not_depend_on_batch_size_or_processes(tmp_path):
+    from segclip.train.evaluate import evaluate
+    from segclip.train.models import build_model
+
+    voc = tiny_voc(tmp_path / "cache", num_train=2, num_val=6)
+    _mixed_sizes(voc, [(32, 32), (48, 32), (32, 32), (40, 32), (48, 32), (32, 48)])
+    ds = open_split(locate_voc(voc), "val", eval_transforms(32), 21)
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 21).eval()
+    with torch.no_grad():  # a head that predicts more than one class (a fresh one predicts only one)
+        for name, p in model.named_parameters():
+            if name.startswith("classifier") and p.ndim == 4:
+                p.normal_(0, 1)
+    cpu = torch.device("cpu")
+    one = evaluate(model, eval_loader(ds, 1, 0), 21, cpu)["confusion_matrix"]
+    three = evaluate(model, eval_loader(ds, 3, 0), 21, cpu)["confusion_matrix"]
+    assert three == one
+    # Two processes' shards (rank 0: 0, 2, 4; rank 1: 1, 3, 5) add up to the same matrix.
+    shards = [evaluate(model, eval_loader(ds, 3, 0, rank=r, world=2), 21, cpu)["confusion_matrix"]
+              for r in (0, 1)]
+    assert (np.array(shards[0]) + np.array(shards[1])).tolist() == one
+    batches = list(eval_loader(ds, 3, 0).batch_sampler)
+    assert batches == [[0, 2], [1, 4], [3], [5]]  # one size per batch
+
+
+def test_bad_validation_mask_stops_training_before_the_first_step(voc, tmp_path):
+    d = voc / "VOCdevkit" / "VOC2012"
+    name = (d / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[2]
+    mask_path = d / "SegmentationClass" / f"{name}.png"
+    with Image.open(mask_path) as m:
+        arr, palette = np.array(m), m.getpalette()
+    arr[0, 0] = 30
+    bad = Image.fromarray(arr, "P")
+    bad.putpalette(palette)
+    bad.save(mask_path)
+    run = tmp_path / "run"
+    r = segclip(["train", "--data", str(voc), *TINY, "--epochs", "1", "--batch-size", "2", "--out", str(run)],
+                tmp_path / "cache")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"mask {mask_path} holds class values [30], but num_classes is 21" in r.stderr
+    assert not (run / "steps.jsonl").exists()  # no epoch was trained (and lost)

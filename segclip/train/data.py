@@ -33,7 +33,7 @@ from .errors import DataError
 from .palette import VOID
 
 __all__ = ["DataError", "VOCLocation", "locate_voc", "check_split", "open_split", "SegmentationSet",
-           "train_loader", "eval_loader", "pad_collate", "ShardSampler", "sample_seed"]
+           "train_loader", "eval_loader", "pad_collate", "ShardSampler", "SameSizeBatches", "sample_seed"]
 
 _YEAR_DIR = re.compile(r"^VOC(20(0[7-9]|1[0-2]))$")
 EXPECTED_LAYOUT = (
@@ -177,18 +177,48 @@ class SegmentationSet(Dataset):
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             which = image_path if not _readable(image_path) else mask_path
             raise DataError(f"cannot read {which}: {type(exc).__name__}: {exc}") from None
+        self._check_mask(index, mask_array, mask.mode, (image.width, image.height))
+        return (tv_tensors.Image(F.pil_to_tensor(image)),
+                tv_tensors.Mask(torch.from_numpy(mask_array)))
+
+    def _check_mask(self, index: int, mask_array: np.ndarray, mode: str, image_size: tuple[int, int]) -> None:
+        """A clear error unless the mask is single-channel, of the image's size, with valid values."""
+        image_path, mask_path = self.voc.images[index], self.voc.masks[index]
         if mask_array.ndim != 2:
             raise DataError(f"mask {mask_path} is not a single-channel (palette) PNG: mode "
-                            f"{mask.mode}, shape {mask_array.shape}")
-        if mask_array.shape != (image.height, image.width):
+                            f"{mode}, shape {mask_array.shape}")
+        if mask_array.shape != (image_size[1], image_size[0]):
             raise DataError(f"mask {mask_path} is {mask_array.shape[1]}x{mask_array.shape[0]} but image "
-                            f"{image_path} is {image.width}x{image.height}")
+                            f"{image_path} is {image_size[0]}x{image_size[1]}")
         bad = np.unique(mask_array[(mask_array >= self.num_classes) & (mask_array != VOID)])
         if bad.size:
             raise DataError(f"mask {mask_path} holds class values {bad.tolist()[:8]}, but num_classes is "
                             f"{self.num_classes} (valid: 0..{self.num_classes - 1} and {VOID} = void)")
-        return (tv_tensors.Image(F.pil_to_tensor(image)),
-                tv_tensors.Mask(torch.from_numpy(mask_array)))
+
+    def _scan_one(self, index: int) -> tuple[int, int]:
+        image_path, mask_path = self.voc.images[index], self.voc.masks[index]
+        try:
+            with Image.open(image_path) as im:  # the header only: the size, and that it is an image
+                size = im.size
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            raise DataError(f"cannot read {image_path}: {type(exc).__name__}: {exc}") from None
+        try:
+            with Image.open(mask_path) as m:
+                mode, mask_array = m.mode, np.array(m)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            raise DataError(f"cannot read {mask_path}: {type(exc).__name__}: {exc}") from None
+        self._check_mask(index, mask_array, mode, size)
+        return size
+
+    def scan(self, indices: list[int] | None = None) -> dict[int, tuple[int, int]]:
+        """Checks the masks of ``indices`` (all by default) as :meth:`load` does, without decoding the
+        images (only their headers), and returns each image's ``(width, height)``. Cheap next to an
+        epoch (the masks are small PNGs), so evaluation data errors show up before training."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        indices = list(range(len(self))) if indices is None else list(indices)
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            return dict(zip(indices, pool.map(self._scan_one, indices)))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(index)
@@ -211,7 +241,9 @@ def _readable(path: str) -> bool:
 
 
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacks a batch, padding to the largest height and width: images with 0, masks with void."""
+    """Stacks a batch, padding to the largest height and width: images with 0, masks with void.
+    (Evaluation batches hold images of one size, see :class:`SameSizeBatches`: padding would change
+    what the models' global pooling sees, so the predictions would depend on the batching.)"""
     h = max(img.shape[-2] for img, _ in batch)
     w = max(img.shape[-1] for img, _ in batch)
     images = batch[0][0].new_zeros((len(batch), batch[0][0].shape[0], h, w))
@@ -296,7 +328,31 @@ def train_loader(dataset: SegmentationSet, batch_size: int, workers: int, seed: 
                       persistent_workers=False)
 
 
+class SameSizeBatches(Sampler[list[int]]):
+    """Batches of up to ``batch_size`` indices whose images have the same size (the order of the
+    indices within each size, sizes in order of first appearance). Every image then gets the same
+    prediction whatever the batch size or number of processes: nothing is padded, and the models'
+    global pooling (LRASPP, the ASPP of DeepLabV3) sees only the image."""
+
+    def __init__(self, indices: list[int], sizes: dict[int, tuple[int, int]], batch_size: int):
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in indices:
+            groups.setdefault(sizes[i], []).append(i)
+        self.batches = [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def eval_loader(dataset: SegmentationSet, batch_size: int, workers: int, rank: int = 0, world: int = 1,
                 pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
-                      num_workers=workers, collate_fn=pad_collate, pin_memory=pin_memory)
+    """This rank's shard (:class:`ShardSampler`) in batches of same-size images
+    (:class:`SameSizeBatches`). Checks the shard's masks first (:meth:`SegmentationSet.scan`), so a
+    bad evaluation mask is reported before training, naming the file."""
+    indices = ShardSampler(len(dataset), rank, world).indices
+    batches = SameSizeBatches(indices, dataset.scan(indices), batch_size)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=pad_collate,
+                      pin_memory=pin_memory)
