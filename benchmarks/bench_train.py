@@ -148,7 +148,8 @@ def run(args) -> dict:
             })
         print(f"  {name}: {wall:.1f} s", flush=True)
         del runs
-    return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor()
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor()
             or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "batch_size": batch, "size": size, "steps": steps, "max_norm": args.max_norm, "amp": args.amp,
             "results": results}

@@ -645,6 +645,13 @@ def train_markdown(data, source: str) -> str:
     if isinstance(m, dict):
         parts.append(f"; date {m.get('date', 'not recorded')}; machine {m.get('cpu_model', '?')}"
                      f", GPU {m.get('gpu_name') or 'none'}; command `{m.get('command', '?')}`")
+    elif isinstance(data, dict) and "device" in data:  # benchmarks/bench_train.py's own layout
+        parts.append(f"; date {data.get('date', 'not recorded')}; {data['device']} ({data.get('device_name', '?')}), "
+                     f"{data.get('threads', '?')} threads, torch {data.get('torch', '?')}; batch "
+                     f"{data.get('batch_size', '?')} x {data.get('size', '?')} px, {data.get('steps', '?')} timed steps, "
+                     f"max_norm {data.get('max_norm', '?')}, AMP {'on' if data.get('amp') else 'off'}")
+        if data.get("command"):
+            parts.append(f"; command `{data['command']}`")
     parts.append("\n")
     if not recs:
         return "".join(parts) + "\nThe file holds no readable records: every figure is not measured.\n"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from segclip import bench, bench_report
 
@@ -51,6 +52,19 @@ def test_smoke_run_writes_json_markdown_png(smoke_run):
     summary = (smoke_run / "summary.md").read_text()
     assert "Headline targets" in summary and "synthetic_smoke" in summary and "flat bound" in summary
     assert (smoke_run / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_wrong_norm_is_reported_before_timing(tmp_path, monkeypatch, capsys):
+    real = bench.clip_fn
+
+    def off_by_two_percent(impl, *args):
+        fn = real(impl, *args)
+        return (lambda: fn() * 1.02) if impl == "segclip_torch" else fn
+
+    monkeypatch.setattr(bench, "clip_fn", off_by_two_percent)
+    assert bench.main(SMOKE + ["--modes", "inactive", "--out", str(tmp_path / "run")]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "segclip_torch" in warnings[0] and "relative error 0.02" in warnings[0]
 
 
 def test_compare_two_jsons(smoke_run, tmp_path, capsys):
@@ -172,3 +186,20 @@ def test_results_page_reads_gpu_bench_layout(tmp_path):
         assert "120 us (2.50x, 10% of bound)" in rows[0] and "100 us (3.00x, 12% of bound)" in rows[0]
         assert "12 us (25.00x)" in rows[0]
         assert "| gpu_bench_2GiB_x200 | 200 |" in page and "GPU: Some GPU" in page
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50",
+                                  "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101"])
+def test_model_cases_are_the_gradients_a_training_step_produces(name):
+    # The benchmark times clipping on gradients of these shapes (from the meta device); a real
+    # backward on the real model must give a gradient to exactly those parameters, in that order.
+    import torchvision
+
+    from segclip.bench import model_grad_shapes
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=21).train()
+    model(torch.randn(2, 3, 32, 32))["out"].square().mean().backward()
+    got = [tuple(p.grad.shape) for p in model.parameters() if p.grad is not None]
+    assert got == model_grad_shapes(name)
