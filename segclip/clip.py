@@ -79,10 +79,12 @@ def _check_tensor(t: Tensor, what: str) -> None:
 def _grads_of(parameters: list) -> list[Tensor]:
     grads = []
     for i, p in enumerate(parameters):
-        if not isinstance(p, Tensor):
+        if not isinstance(p, Tensor) and not hasattr(p, "grad"):  # torch takes anything with a .grad
             raise TypeError(f"parameters[{i}] is a {type(p).__name__}, expected a Tensor")
         g = p.grad
         if g is not None:
+            if not isinstance(g, Tensor):
+                raise TypeError(f"the gradient of parameters[{i}] is a {type(g).__name__}, expected a Tensor")
             _check_tensor(g, f"the gradient of parameters[{i}]")
             grads.append(g)
     return grads
@@ -189,12 +191,12 @@ def _fast_clip(params: list, max_norm: float, norm_type: float, error_if_nonfini
         grads = [p.grad for p in params if p.grad is not None]
     except AttributeError:
         return None  # a non-Tensor in parameters: the general path names it
-    if not grads or not _resolve(backend, grads[0].device):
+    if not grads or not isinstance(grads[0], Tensor) or not _resolve(backend, grads[0].device):
         return None
     with torch.no_grad():
         try:
             total, coef = torch.ops.segclip.multi_tensor_norm_coef(grads, norm_type, max_norm)
-        except RuntimeError:
+        except (RuntimeError, TypeError):  # TypeError: a gradient that is no Tensor
             return None
         if error_if_nonfinite:
             _check_finite(total, norm_type)
@@ -233,7 +235,8 @@ def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float 
 
     Raises:
         ValueError: ``max_norm`` negative or NaN, an unknown ``backend``, or ``norm_type`` not a number.
-        TypeError: a parameter that is not a Tensor, or a gradient that is not floating point.
+        TypeError: a parameter that is neither a Tensor nor has a ``.grad`` (torch, too, only reads
+            ``.grad``), or a gradient that is not a floating-point Tensor.
         RuntimeError: ``error_if_nonfinite`` and a non-finite norm; an unavailable explicit backend.
     """
     _check_backend(backend)

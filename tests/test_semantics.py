@@ -448,3 +448,21 @@ def test_max_norm_may_be_a_zero_dim_numpy_array_but_not_a_bool():
     for bad in (True, np.array([0.5]), np.array(True)):
         with pytest.raises(TypeError, match="max_norm"):
             segclip.fused_clip_(params, bad)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_any_object_with_a_grad_is_a_parameter_as_in_torch(backend):
+    # torch's clip_grad_norm_ only reads p.grad; the fast path did too, the general path refused.
+    class Holder:
+        def __init__(self, grad):
+            self.grad = grad
+
+    params, originals = make_params([(40,), (3, 5)])
+    holders = [Holder(p.grad) for p in params] + [Holder(None)]
+    total = segclip.fused_clip_(holders, 0.1, 2.0, backend=backend)
+    assert_norm_close(total, oracle_norm(originals, 2.0), 1e-6)
+    for p, g in zip(params, originals):
+        assert_clipped_close(p.grad, g, oracle_coef(total.item(), 0.1), 1e-6)
+    for bad in ([Holder(3.0)], [Holder(torch.ones(2)), Holder(3.0)]):
+        with pytest.raises(TypeError, match=rf"the gradient of parameters\[{len(bad) - 1}\] is a float"):
+            segclip.fused_clip_(bad, 0.1, backend=backend)
