@@ -92,3 +92,40 @@ def test_out_of_range_values_are_one_line_errors(tmp_path, capsys):
     assert "--epochs must be at least 1, got 0" in capsys.readouterr().err
     assert main(["train", "--scale-min", "2", "--scale-max", "1", "--out", str(tmp_path / "r")]) == 2
     assert "--scale-min <= --scale-max" in capsys.readouterr().err
+
+
+def test_norm_type_batch_size_and_device_errors_are_one_line(tmp_path, capsys):
+    from segclip.cli import main
+
+    for p in ("0", "-1", "nan"):
+        assert main(["train", "--norm-type", p, "--out", str(tmp_path / "r")]) == 2
+        assert "--norm-type must be a positive number or inf" in capsys.readouterr().err
+    assert main(["train", "--model", "deeplabv3_mobilenet_v3_large", "--batch-size", "1",
+                 "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "needs --batch-size 2 or more" in err and "BatchNorm" in err and "1x1" in err
+    for device, message in (("gpu", "--device gpu: not a device"), ("cuda:x", "--device cuda:x: not a device")):
+        assert main(["train", "--device", device, "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    import torch
+    if not torch.cuda.is_available():
+        for command in (["train"], ["eval", "--checkpoint", "x.pt"],
+                        ["predict", "--checkpoint", "x.pt", "--images", "x", "--out", str(tmp_path / "p")]):
+            assert main([*command, "--device", "cuda", *(["--out", str(tmp_path / "r")] if command == ["train"] else [])]) == 2
+            assert "--device cuda: CUDA is not available here" in capsys.readouterr().err
+
+
+def test_a_run_folder_is_not_reused_without_resume(tmp_path, capsys):
+    from segclip.cli import main
+
+    for name in ("steps.jsonl", "last.pt"):
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_text("")
+        assert main(["train", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} already holds a run ({name})" in err and f"--resume {out / 'last.pt'}" in err
+    (tmp_path / "plots-only").mkdir()  # a folder without a run is fine: fails later, for another reason
+    assert main(["train", "--out", str(tmp_path / "plots-only"), "--epochs", "0"]) == 2
+    assert "--epochs must be at least 1" in capsys.readouterr().err

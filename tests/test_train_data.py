@@ -273,3 +273,18 @@ def test_bad_validation_mask_stops_training_before_the_first_step(voc, tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"mask {mask_path} holds class values [30], but num_classes is 21" in r.stderr
     assert not (run / "steps.jsonl").exists()  # no epoch was trained (and lost)
+
+
+def test_relative_data_paths_are_made_absolute(voc, tmp_path, monkeypatch):
+    import argparse
+
+    from segclip.train.trainer import resolve_data
+
+    d = voc / "VOCdevkit" / "VOC2012"
+    monkeypatch.chdir(d)
+    assert locate_voc(".").voc_dir == d  # Path(".").name is ""
+    monkeypatch.chdir(voc)
+    args = argparse.Namespace(data="VOCdevkit", cache_dir="links", crop_size=None, eval_size=None)
+    loc, _, _ = resolve_data(args, True, lambda *a: None)
+    assert args.data == str(voc / "VOCdevkit") and args.cache_dir == str(voc / "links")  # as stored in checkpoints
+    assert loc.voc_dir == d

@@ -88,6 +88,8 @@ def locate_voc(path: str | os.PathLike, cache: Path | None = None) -> VOCLocatio
         raise DataError(f"dataset folder not found: {path}\n{EXPECTED_LAYOUT}")
     if not path.is_dir():
         raise DataError(f"dataset path is not a folder: {path}\n{EXPECTED_LAYOUT}")
+    # Absolute, without "." or ".." (so "." inside VOC2012 has the name VOC2012); symlinks are kept.
+    path = Path(os.path.abspath(path))
     if _YEAR_DIR.match(path.name):
         voc_dir = path
     else:
