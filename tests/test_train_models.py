@@ -61,3 +61,20 @@ def test_weights_that_do_not_fit_are_an_error(tmp_path):
         load_weights(build_model("lraspp_mobilenet_v3_large", 21), tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="--weights: file not found"):
         load_weights(build_model("lraspp_mobilenet_v3_large", 21), tmp_path / "missing.pt")
+
+
+def test_weights_with_and_without_the_aux_head_load_into_each_other(tmp_path):
+    torch.manual_seed(2)
+    with_aux = build_model("deeplabv3_mobilenet_v3_large", 3, aux_loss=True)
+    without = build_model("deeplabv3_mobilenet_v3_large", 3, aux_loss=False)
+    torch.save({"model": with_aux.state_dict()}, tmp_path / "aux.pt")
+    torch.save({"model": without.state_dict()}, tmp_path / "noaux.pt")
+    notes = []
+    dst = build_model("deeplabv3_mobilenet_v3_large", 3, aux_loss=False)
+    load_weights(dst, tmp_path / "aux.pt", log=notes.append)
+    assert "ignored the file's auxiliary head" in notes[-1]
+    assert torch.equal(dst.state_dict()["classifier.4.weight"], with_aux.state_dict()["classifier.4.weight"])
+    dst = build_model("deeplabv3_mobilenet_v3_large", 3, aux_loss=True)
+    load_weights(dst, tmp_path / "noaux.pt", log=notes.append)
+    assert "the file has no auxiliary head" in notes[-1] and "keep their random initialisation" in notes[-1]
+    assert torch.equal(dst.state_dict()["backbone.0.0.weight"], without.state_dict()["backbone.0.0.weight"])

@@ -59,8 +59,11 @@ def extract_state_dict(obj) -> dict[str, torch.Tensor]:
 def load_weights(model: torch.nn.Module, path: str | Path, log=print) -> None:
     """Loads a local state dict or checkpoint into ``model`` (``weights_only=True``, on the CPU).
 
-    Heads whose shapes differ (another ``num_classes``) are skipped with a note; every other
-    missing or unexpected key is an error, so a wrong file is not silently half-loaded.
+    Heads whose shapes differ (another ``num_classes``) are skipped with a note, and so are the
+    auxiliary head's tensors (``aux_classifier.*``) when only one side has that head (weights of a
+    ``--no-aux-loss`` run into an ``--aux-loss`` one, or the reverse: the head is trained from its
+    random initialisation, or dropped). Every other missing or unexpected key is an error, so a
+    wrong file is not silently half-loaded.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -75,10 +78,20 @@ def load_weights(model: torch.nn.Module, path: str | Path, log=print) -> None:
         del state[k]
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in skipped]
+    aux = "aux_classifier."
+    aux_missing = [k for k in missing if k.startswith(aux)]
+    aux_extra = [k for k in unexpected if k.startswith(aux)]
+    missing = [k for k in missing if not k.startswith(aux)]
+    unexpected = [k for k in unexpected if not k.startswith(aux)]
     if unexpected or missing:
         raise ValueError(f"--weights: {path} does not fit this model: {len(missing)} missing keys "
                          f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     note = f", skipped {len(skipped)} tensors of another shape ({', '.join(skipped[:4])})" if skipped else ""
+    if aux_missing:
+        note += (f"; the file has no auxiliary head ({len(aux_missing)} aux_classifier tensors keep their "
+                 f"random initialisation)")
+    if aux_extra:
+        note += f"; ignored the file's auxiliary head ({len(aux_extra)} aux_classifier tensors; this model has none)"
     log(f"loaded weights from {path}{note}")
 
 
