@@ -148,3 +148,33 @@ def test_a_diverging_run_stops_with_a_message_and_a_checkpoint(tmp_path):
     assert ck["train_state"]["consecutive_nonfinite"] == 2 and ck["stopped"]
     r = segclip(["train", "--resume", str(out / "nonfinite.pt")], tmp_path / "cache")
     assert r.returncode == 2 and "resume from last.pt" in r.stderr
+
+
+def test_foreground_pixels_are_counted():
+    batches = _batches()
+    _, _, summary, _ = _train("fused", batches)
+    assert summary.foreground_pixels == sum(int(((y > 0) & (y != 255)).sum()) for _, y in batches)
+    binary = [(x, torch.where(y > 0, 255, 0)) for x, y in batches]  # 0/255 masks: no class >= 1
+    _, _, summary, _ = _train("fused", binary)
+    assert summary.foreground_pixels == 0
+
+
+def test_binary_0_255_masks_give_a_warning(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from _train_util import tiny_voc
+
+    voc = tiny_voc(tmp_path / "cache", num_train=4, num_val=2)
+    for p in (voc / "VOCdevkit" / "VOC2012" / "SegmentationClass").glob("*.png"):
+        with Image.open(p) as m:
+            arr, palette = np.array(m), m.getpalette()
+        binary = Image.fromarray(np.where(arr > 0, 255, 0).astype(np.uint8), "P")
+        binary.putpalette(palette)
+        binary.save(p)
+    r = segclip(["train", "--data", str(voc), *TINY, "--num-classes", "2", "--batch-size", "2", "--epochs", "1",
+                 "--crop-size", "32", "--eval-size", "32", "--no-plot", "--out", str(tmp_path / "run")],
+                tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    assert "warning: epoch 1's training masks hold no pixel of any class 1..1" in r.stdout
+    assert "binary 0/255" in r.stdout

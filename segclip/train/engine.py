@@ -33,6 +33,7 @@ import torch.distributed as dist
 import segclip
 
 from .models import segmentation_loss
+from .palette import VOID
 
 CLIP_MODES = ("fused", "torch", "none")
 PHASES = ("data", "forward", "backward", "clip", "step")
@@ -81,6 +82,7 @@ class EpochSummary:
     images: int = 0
     seconds: float = 0.0
     phase_seconds: dict = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    foreground_pixels: int = 0  # training pixels of a class >= 1 (not void), all ranks (approximate when large)
 
     def to_dict(self) -> dict:
         finite = self.steps - self.skipped
@@ -156,12 +158,15 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
 
         # The one host sync of the step. Under DDP the gradients (so the norm) already agree;
         # the loss is averaged so that every rank takes the same skip decision and logs the same.
-        pair = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)])
+        # The count of foreground pixels rides along (binary 0/255 masks have none: all void).
+        foreground = ((masks > 0) & (masks != VOID)).sum().float().to(loss.device)
+        pair = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device), foreground])
         if distributed:
             dist.all_reduce(pair, op=dist.ReduceOp.SUM)
             pair[0] /= dist.get_world_size()
             pair[1] /= dist.get_world_size()
-        loss_value, norm_value = pair.tolist()
+        loss_value, norm_value, foreground_value = pair.tolist()
+        summary.foreground_pixels += int(foreground_value)
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         lr = optimizer.param_groups[0]["lr"]
         if finite:

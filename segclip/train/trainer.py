@@ -28,7 +28,7 @@ from .evaluate import evaluate
 from .metrics import format_table
 from .models import build_model, load_weights
 from .optim import build_optimizer, build_scheduler, load_schedule
-from .palette import class_names
+from .palette import VOID, class_names
 from .runlog import CONFIG, METRICS, STEPS, RunLog, default_run_dir
 from .synthetic import SyntheticSpec, ensure_synthetic
 from .transforms import eval_transforms, train_transforms
@@ -311,6 +311,7 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
                 time.sleep(1)
 
     metrics = None
+    warned_foreground = False
     show = info.is_main and not args.no_progress
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
@@ -335,6 +336,12 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
             return EXIT_NONFINITE
         if bar is not None:
             bar.close()
+        if summary.foreground_pixels == 0 and not warned_foreground:
+            warned_foreground = True
+            log(f"warning: epoch {epoch + 1}'s training masks hold no pixel of any class 1..{args.num_classes - 1}, "
+                f"only background (0) and void ({VOID}, ignored by the loss and the metrics): the model "
+                f"learns nothing but background. If the masks store the foreground as 255 (binary 0/255 "
+                f"masks), write it as 1 (255 means void in VOC masks).")
         record = summary.to_dict()
         record["lr"] = optimizer.param_groups[0]["lr"]
         last = epoch == args.epochs - 1
