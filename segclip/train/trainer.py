@@ -386,7 +386,7 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
         log(f"\nfinal mIoU {metrics['mean_iou']:.4f} (pixel accuracy {metrics['pixel_accuracy']:.4f}) on "
             f"{len(val_set)} {args.val_split} images; best mIoU {best_miou if best_miou is not None else float('nan'):.4f}; "
             f"{state.skipped_total} skipped steps; {elapsed:.0f} s")
-        log(f"run folder: {run_dir}  (best.pt, last.pt, steps.jsonl, epochs.jsonl, metrics.json)")
+        log(f"run folder: {run_dir}  (config.json, best.pt, last.pt, steps.jsonl, epochs.jsonl, metrics.json)")
         if pictures:
             log(f"pictures:   {Path(pictures[0]).parent}  ({', '.join(Path(p).name for p in pictures)})")
     return 0
