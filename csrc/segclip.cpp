@@ -27,7 +27,6 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
-#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -43,38 +42,48 @@ TORCH_LIBRARY(segclip, m) {
 // refuses a saved tensor that was changed since (a gradient kept by create_graph=True and scaled
 // afterwards makes backward raise instead of giving a wrong gradient). torch's fallbacks for ops
 // without an autograd kernel bump the versions of mutated *returns* only; this op returns nothing.
-// So its Autograd kernel checks what torch's in-place ops check (before anything is written), runs
-// the kernel below autograd, and bumps every tensor's version, whether or not the kernel wrote
-// (coef >= 1 writes nothing): multiplying by 1 bumps it in torch too. Under torch.inference_mode
-// the autograd keys are skipped, and nothing is bumped, as for torch's ops.
+// So, as for torch's own in-place ops:
+//  * Autograd: refuses a tensor that requires grad while grad mode is on (the op has no
+//    derivative), then redispatches (the autograd keys are off under torch.inference_mode).
+//  * ADInplaceOrView: runs the kernel, then bumps the version of every tensor that has one (not
+//    inference tensors), whether or not the kernel wrote (coef >= 1 writes nothing): multiplying by 1
+//    bumps it in torch too. This key stays on under torch.inference_mode for normal tensors.
+//  * The kernels refuse an inference tensor outside torch.inference_mode (csrc/inplace_checks.h):
+//    a list of nothing but inference tensors reaches neither key above.
 namespace {
 
+using ScaleFn = void(at::TensorList, const at::Tensor&);
+
+const c10::TypedOperatorHandle<ScaleFn>& scale_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("segclip::multi_tensor_scale_", "").typed<ScaleFn>();
+  return op;
+}
+
 void multi_tensor_scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {
-  const char* op = "segclip::multi_tensor_scale_";
   for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    if (!t.defined()) continue;  // the kernel names it
-    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), op, ": tensors[", i,
-                "] is an inference tensor; an in-place update outside torch.inference_mode is not allowed "
-                "(clone it first)");
-    TORCH_CHECK(!(c10::GradMode::is_enabled() && t.requires_grad()), op, ": tensors[", i,
+    TORCH_CHECK(!(c10::GradMode::is_enabled() && tensors[i].defined() && tensors[i].requires_grad()),
+                "segclip::multi_tensor_scale_: tensors[", i,
                 "] requires grad and grad mode is on; the op is not differentiable: call it under torch.no_grad()");
   }
-  static const auto kernel = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("segclip::multi_tensor_scale_", "")
-                                 .typed<void(at::TensorList, const at::Tensor&)>();
+  at::AutoDispatchBelowAutograd guard;
+  scale_op().redispatch(ks & c10::after_autograd_keyset, tensors, coef);
+}
+
+void multi_tensor_scale_inplace(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    kernel.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, coef);
+    scale_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, coef);
   }
   for (const at::Tensor& t : tensors) {
-    if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
+    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
   }
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segclip, Autograd, m) { m.impl("multi_tensor_scale_", &multi_tensor_scale_autograd); }
+TORCH_LIBRARY_IMPL(segclip, ADInplaceOrView, m) { m.impl("multi_tensor_scale_", &multi_tensor_scale_inplace); }
 
 // Sparse tensors: no kernel takes them (segclip.fused_clip_ sends sparse gradients through PyTorch).
 // Without these, a list holding one would get the dispatcher's "Could not run ... with arguments

@@ -20,7 +20,9 @@ namespace segclip {
 // So when the memory of two flat tensors may intersect, the kernels scale one tensor at a time, in
 // list order: torch's result. A flat (non-overlapping and dense) tensor fills its byte range, so two
 // flat tensors share memory exactly when their ranges intersect. The test costs a sort of one pair
-// per tensor; the common list (separate gradients) keeps the fused pass.
+// per tensor; the common list (separate gradients) keeps the fused pass. A list with any shared
+// memory is scaled wholly one tensor at a time (one parallel region or launch per tensor), not in
+// rounds of disjoint tensors: simpler, and such lists are rare (a parameter passed twice).
 
 // [first byte, one past the last byte] of a non-overlapping and dense tensor with n > 0 elements.
 inline std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& flat) {

@@ -112,41 +112,46 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     scaled once per entry, one entry after another (see note: [tensors that share memory] in
     csrc/shared_memory.h); every tensor's version counter is bumped, written or not, as by ``mul_``.
     """
-    flat: dict[torch.device, list[Tensor]] = {}
     if torch.compiler.is_compiling():  # traced: no memory queries; the product is always taken
-        for t in tensors:
-            if t.layout == torch.strided:
-                flat.setdefault(t.device, []).append(t)
-            else:
-                t.mul_(coef.to(t.device))
-        for device, group in flat.items():
-            torch._foreach_mul_(group, coef.to(device))
+        for t in tensors:  # one mul_ per tensor: a traced _foreach_mul_ scales shared memory once
+            t.mul_(coef.to(t.device))
         return
+    # Every check before the first write; the kind of each tensor found once.
+    inference_ok = torch.is_inference_mode_enabled()
+    flat: dict[torch.device, list[Tensor]] = {}  # no gaps, no overlap: foreach takes them
+    other: list[Tensor] = []  # sparse, or gaps or overlap that cannot be ruled out
     for i, t in enumerate(tensors):
-        if t.is_inference() and not torch.is_inference_mode_enabled():  # torch's foreach raises mid-list
+        if t.is_inference() and not inference_ok:  # torch's foreach would raise mid-list
             raise RuntimeError(f"segclip::multi_tensor_scale_: tensors[{i}] is an inference tensor; an in-place "
                                "update outside torch.inference_mode is not allowed (clone it first)")
-        if t.layout == torch.strided and torch._debug_has_internal_overlap(t) == 1:
+        if t.layout != torch.strided:
+            other.append(t)
+            continue
+        overlap = 0 if t.is_contiguous() else torch._debug_has_internal_overlap(t)
+        if overlap == 1:
             raise RuntimeError(f"segclip::multi_tensor_scale_: tensors[{i}] has internally overlapping memory "
                                "(an expanded view?); it cannot be scaled in place")
+        if overlap == 0:
+            flat.setdefault(t.device, []).append(t)
+        else:
+            other.append(t)
     if coef.device.type == "cpu" and bool(coef >= 1):
         torch.autograd.graph.increment_version(tensors)
         return
-    for t in tensors:
-        c = coef.to(t.device)
-        if t.layout != torch.strided:
-            t.mul_(c)
-        elif torch._debug_has_internal_overlap(t) == 0:  # no gaps, no overlap: foreach takes it
-            flat.setdefault(t.device, []).append(t)
-        else:  # gaps, or overlap that cannot be ruled out: each element once, rounded once
-            t.copy_(t.to(_opmath(t.dtype), copy=True).mul_(c))
+    coefs = {coef.device: coef}
     for device, group in flat.items():
-        c = coef.to(device)
+        c = coefs.setdefault(device, coef.to(device))
         if _share_memory(group):
             for t in group:
                 t.mul_(c)
         else:
             torch._foreach_mul_(group, c)
+    for t in other:
+        c = coefs.setdefault(t.device, coef.to(t.device))
+        if t.layout != torch.strided:
+            t.mul_(c)
+        else:  # each element once, rounded once
+            t.copy_(t.to(_opmath(t.dtype), copy=True).mul_(c))
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:

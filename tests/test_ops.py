@@ -130,6 +130,18 @@ def test_scale_op_refuses_overlapping_views_before_writing_anything():
     assert torch.equal(dense, torch.ones(4))
 
 
+def test_scale_op_refuses_inference_tensors_outside_inference_mode():
+    # A list of nothing but inference tensors reaches no autograd key: the kernel itself refuses.
+    with torch.inference_mode():
+        xs, coef = [torch.ones(4), torch.ones(3)], torch.tensor(0.5)
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] is an inference tensor"):
+        torch.ops.segclip.multi_tensor_scale_(xs, coef)
+    assert all(torch.equal(x, torch.ones_like(x)) for x in xs)
+    with torch.inference_mode():
+        torch.ops.segclip.multi_tensor_scale_(xs, coef)
+    assert all(torch.equal(x, torch.full_like(x, 0.5)) for x in xs)
+
+
 def test_scale_op_rejects_meta_device_tensor():
     with pytest.raises((RuntimeError, NotImplementedError)):
         torch.ops.segclip.multi_tensor_scale_([torch.ones(2), torch.ones(2, device="meta")], torch.tensor(0.5))
@@ -151,6 +163,12 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         eager_params = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
         for ep, g in zip(eager_params, originals):
             ep.grad = g.clone()
+        # One gradient shared by two parameters: scaled once per entry, traced as in eager (a
+        # traced _foreach_mul_ computes every product from the old values and scales it once).
+        params.append(torch.nn.Parameter(torch.zeros(300)))
+        params[-1].grad = params[0].grad
+        eager_params.append(torch.nn.Parameter(torch.zeros(300)))
+        eager_params[-1].grad = eager_params[0].grad
         got = compiled(params, max_norm)
         want = step(eager_params, max_norm)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)

@@ -411,6 +411,12 @@ def test_inference_tensors_are_refused_outside_inference_mode_before_any_write(b
         total = segclip.fused_clip_(params, 1e-3, backend=backend)
     for p, g in zip(params, originals):
         assert_clipped_close(p.grad, g, oracle_coef(total.item(), 1e-3), 1e-6)
+    # Normal gradients clipped inside inference_mode get their versions bumped, as by mul_ there.
+    params, _ = make_params([(50,), (4, 4)])
+    versions = [p.grad._version for p in params]
+    with torch.inference_mode():
+        segclip.fused_clip_(params, 1e-3, backend=backend)
+    assert [p.grad._version for p in params] == [v + 1 for v in versions]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -424,12 +430,14 @@ def test_self_overlapping_and_expanded_grads_behave_alike_on_every_backend(backe
     coef = torch.clamp((1 / (total + 1e-6)) * 1e-2, max=1.0).double()
     assert torch.equal(base, (before.double() * coef).float())
     # An expanded gradient is refused before anything is written, the dense one before it included.
+    # Clipping or not (torch's mul_ by 1 refuses it too).
     r = torch.nn.Parameter(torch.zeros(3, 2))
     r.grad = torch.ones(3, 1).expand(3, 2)
     dense = q.grad.clone()
-    with pytest.raises(RuntimeError, match="internally overlapping memory"):
-        segclip.fused_clip_([q, r], 1e-3, backend=backend)
-    assert torch.equal(q.grad, dense)
+    for max_norm in (1e-3, 1e9):
+        with pytest.raises(RuntimeError, match="internally overlapping memory"):
+            segclip.fused_clip_([q, r], max_norm, backend=backend)
+        assert torch.equal(q.grad, dense)
 
 
 def test_clip_with_norm_takes_a_number_in_the_gradients_precision():

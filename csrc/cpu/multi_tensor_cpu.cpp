@@ -2,7 +2,6 @@
 #include "vec_capability.h"  // first: it selects at::vec's implementation, see note: [CPU vector width]
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +12,7 @@
 #include <vector>
 
 #include "../clip_coefficient.h"
+#include "../inplace_checks.h"
 #include "../scale_out_of_place.h"
 #include "../shared_memory.h"
 
@@ -168,10 +168,6 @@ std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& tensors) {
   return chunks;
 }
 
-// A tensor whose elements fill exactly [data_ptr, data_ptr + numel) in some order (contiguous,
-// channels_last, transposed, ...) can be processed as one flat array.
-bool is_flat(const at::Tensor& t) { return t.is_contiguous() || t.is_non_overlapping_and_dense(); }
-
 void check_tensors(at::TensorList tensors, const char* op) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
@@ -258,23 +254,22 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
               coef.scalar_type());
   check_tensors(tensors, op);
   const double c = coef.item<double>();  // a CPU tensor: no device synchronisation
-  if (c >= 1.0) return;                  // nothing to clip: write nothing (NaN is not >= 1: it scales)
 
   std::vector<at::Tensor> flat;
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // of flat; see note: [tensors that share memory]
   std::vector<at::Tensor> strided;  // views with gaps: scaled after the fused pass (scale_out_of_place)
   for (size_t i = 0; i < tensors.size(); ++i) {  // every check before the first write
     const at::Tensor& t = tensors[i];
+    check_scalable(t, i, op);
     if (t.numel() == 0) continue;
     if (is_flat(t)) {
       flat.push_back(t);
       ranges.push_back(byte_range(t));
     } else {
-      TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": tensors[", i,
-                  "] has internally overlapping memory (an expanded view?); it cannot be scaled in place");
       strided.push_back(t);
     }
   }
+  if (c >= 1.0) return;  // nothing to clip: write nothing (NaN is not >= 1: it scales)
   const auto scale_all = [c](const std::vector<at::Tensor>& ts) {  // one parallel region over their chunks
     const std::vector<Chunk> chunks = make_chunks(ts);
     for_each_chunk(ts, chunks, [&](int64_t i) {

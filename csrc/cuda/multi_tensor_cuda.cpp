@@ -9,7 +9,6 @@
 // Per-operator ATen headers instead of ATen/ATen.h (which declares every op): halves this file's
 // compile time. TORCH_ASSERT_ONLY_METHOD_OPERATORS makes a missing ops/ include a compile error.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/clamp_max.h>
 #include <ATen/ops/empty.h>
@@ -24,6 +23,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../inplace_checks.h"
 #include "../scale_out_of_place.h"
 #include "../shared_memory.h"
 #include "multi_tensor_kernels.h"
@@ -49,10 +49,6 @@ std::optional<DType> to_dtype(at::ScalarType t) {
     default: return std::nullopt;
   }
 }
-
-// A tensor whose elements fill exactly [data_ptr, data_ptr + numel) in some order (contiguous,
-// channels_last, transposed, ...) is processed as one flat array, as in the CPU kernel.
-bool is_flat(const at::Tensor& t) { return t.is_contiguous() || t.is_non_overlapping_and_dense(); }
 
 // Checks every tensor (all errors are RuntimeErrors naming the index) and returns their device, which
 // every tensor must be on: `expected` when given (the scale's coef device), else the device of the
@@ -178,14 +174,13 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   for (size_t i = 0; i < tensors.size(); ++i) {  // every check before anything is written
     const at::Tensor& t = tensors[i];
     const DType dtype = *to_dtype(t.scalar_type());
+    check_scalable(t, i, op);
     if (t.numel() == 0) continue;
     if (is_flat(t)) {
       pieces.push_back({t.mutable_data_ptr(), t.numel(), dtype});
       ranges.push_back(byte_range(t));
       continue;
     }
-    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": tensors[", i,
-                "] has internally overlapping memory (an expanded view?); it cannot be scaled in place");
     StridedView v;
     if (make_strided_view(t.mutable_data_ptr(), dtype, t.sizes().data(), t.strides().data(),
                           static_cast<int>(t.dim()), &v)) {
