@@ -4,16 +4,19 @@
     python benchmarks/make_results.py --cpu-json benchmarks/results/cpu-<date>.json \\
         [--gpu-json GPU.json] [--train-json TRAIN.json]
 
-A figure the JSON files do not hold reads "not measured". The code lives in segclip/bench_report.py
+Works from any folder: the page goes to benchmarks/RESULTS.md of this checkout (--out to change),
+and without --cpu-json the newest benchmarks/results/cpu-*.json of this checkout is used (none
+found: an error, exit 2). A figure the JSON files do not hold reads "not measured". The code lives in segclip/bench_report.py
 (accepted JSON layouts: its docstring and docs/benchmarks.md).
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parents[1]  # the repository: default --root, and --out is ROOT/benchmarks/RESULTS.md
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from segclip.bench_report import results_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(results_main())
+    sys.exit(results_main(repo_root=ROOT))

@@ -62,6 +62,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -533,37 +534,104 @@ def dumps_result(result: dict) -> str:
     return text[:-2] + ',\n "records": [\n  ' + records + "\n ]\n}\n"
 
 
-def _parse_list(values: list[str] | None) -> list[str] | None:
+# ----------------------------------------------------------------------------------------------
+# Argument checks (shared with segclip demo and benchmarks/bench_train.py)
+
+
+def usage_error(prog: str, message: str) -> SystemExit:
+    """Prints ``PROG: error: MESSAGE`` (one line, no traceback) and returns SystemExit(2) to raise."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def _number(text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0 (inf allowed, NaN refused)."""
+    value = _number(text, float)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def finite_non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = non_negative_float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def prepare_out_folder(path, prog: str, flag: str = "--out") -> Path:
+    """Creates the output folder (before any timing, so that a bad path costs nothing) and checks
+    that files can be written there; a one-line error and exit 2 otherwise."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise usage_error(prog, f"{flag} {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise usage_error(prog, f"{flag} {out}: cannot create the folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise usage_error(prog, f"{flag} {out}: cannot write into the folder (permission denied)")
+    return out
+
+
+def _parse_list(values: list[str] | None, flag: str) -> list[str] | None:
+    """Names given space or comma separated, in one argument or several; None when not given."""
     if values is None:
         return None
-    out = []
-    for v in values:
-        out.extend(x.strip() for x in v.split(",") if x.strip())
-    return out
+    out = [x for v in values for x in re.split(r"[\s,]+", v) if x]
+    if not out:
+        raise usage_error("segclip bench", f"{flag}: no name given")
+    return list(dict.fromkeys(out))
 
 
 def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     preset = PRESETS["quick" if args.quick else "full"]
-    models = _parse_list(args.models) or list(preset["models"])
-    if models == ["all"]:
-        models = list(ALL_CASES)
+    models = _parse_list(args.models, "--models") or list(preset["models"])
+    if "all" in models:  # 'all' stands for the default set, other names may be added to it
+        i = models.index("all")
+        models = list(dict.fromkeys(models[:i] + list(ALL_CASES) + models[i + 1:]))
     for m in models:
         if m not in ALL_CASES + EXTRA_CASES:
-            raise SystemExit(f"segclip bench: unknown case {m!r}; choose from {', '.join(ALL_CASES + EXTRA_CASES)}")
-    dtypes = _parse_list(args.dtypes) or list(preset["dtypes"])
+            raise usage_error("segclip bench", f"unknown case {m!r}; choose from "
+                                               f"{', '.join(ALL_CASES + EXTRA_CASES)} or all")
+    dtypes = _parse_list(args.dtypes, "--dtypes") or list(preset["dtypes"])
     for d in dtypes:
         if d not in DTYPES:
-            raise SystemExit(f"segclip bench: unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
-    modes = _parse_list(args.modes) or list(MODES)
+            raise usage_error("segclip bench", f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+    modes = _parse_list(args.modes, "--modes") or list(MODES)
     for m in modes:
         if m not in MODES:
-            raise SystemExit(f"segclip bench: unknown mode {m!r}; choose from {', '.join(MODES)}")
+            raise usage_error("segclip bench", f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     if args.device == "all":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
         devices = [args.device]
         if args.device == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("segclip bench: --device cuda but no CUDA device is visible")
+            raise usage_error("segclip bench", "--device cuda but no CUDA device is visible")
     args.models, args.dtypes, args.modes, args.devices = models, dtypes, modes, devices
     if args.min_run_time is None:
         args.min_run_time = preset["min_run_time"]
@@ -666,41 +734,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"fewer cases ({', '.join(QUICK_CASES)}), fp32 only, min_run_time "
                         f"{PRESETS['quick']['min_run_time']} s, 1 round: under a minute on 2 cores")
     p.add_argument("--models", nargs="+", metavar="CASE", default=None,
-                   help=f"cases (space or comma separated; 'all'): {', '.join(ALL_CASES + EXTRA_CASES)} "
+                   help=f"cases (space or comma separated; 'all': every case but synthetic_smoke, which may be "
+                        f"added): {', '.join(ALL_CASES + EXTRA_CASES)} "
                         "[default: all but synthetic_smoke; with --quick the quick set]")
     p.add_argument("--dtypes", nargs="+", metavar="DTYPE", default=None,
-                   help="gradient dtypes: fp32 bf16 fp16 [default: all; with --quick fp32]")
+                   help="gradient dtypes (space or comma separated): fp32 bf16 fp16 [default: all; with --quick fp32]")
     p.add_argument("--modes", nargs="+", metavar="MODE", default=None,
-                   help="active (max_norm=0) and/or inactive (max_norm=1e30) [default: both]")
+                   help="active (max_norm=0) and/or inactive (max_norm=1e30), space or comma separated "
+                        "[default: both]")
     p.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
                    help="'all' [default]: cpu, and cuda when a GPU is visible")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output folder [default: runs/bench/<timestamp>, git-ignored]")
-    p.add_argument("--min-run-time", type=float, default=None, metavar="S",
+    p.add_argument("--min-run-time", type=finite_non_negative_float, default=None, metavar="S",
                    help=f"blocked_autorange min_run_time per implementation and round "
                         f"[default: {PRESETS['full']['min_run_time']}; --quick {PRESETS['quick']['min_run_time']}]")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--rounds", type=positive_int, default=None,
                    help=f"interleaved rounds merged into one median [default: {PRESETS['full']['rounds']}; "
                         f"--quick {PRESETS['quick']['rounds']}]")
-    p.add_argument("--threads", type=int, default=None, help="torch threads [default: torch.get_num_threads()]")
-    p.add_argument("--max-other-load", type=float, default=0.15, metavar="CORES",
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads [default: torch.get_num_threads()]")
+    p.add_argument("--max-other-load", type=non_negative_float, default=0.15, metavar="CORES",
                    help="a round during which other processes kept more cores than this busy is timed "
                         "again [default: 0.15]")
-    p.add_argument("--retries", type=int, default=None,
+    p.add_argument("--retries", type=non_negative_int, default=None,
                    help=f"times a disturbed round is timed again before it is kept and marked noisy "
                         f"[default: {PRESETS['full']['retries']}; --quick {PRESETS['quick']['retries']}]")
-    p.add_argument("--quiet-timeout", type=float, default=None, metavar="S",
+    p.add_argument("--quiet-timeout", type=non_negative_float, default=None, metavar="S",
                    help=f"longest wait for a quiet moment before a retry [default: "
                         f"{PRESETS['full']['quiet_timeout']:g}; --quick {PRESETS['quick']['quiet_timeout']:g}]")
-    p.add_argument("--retry-budget", type=float, default=None, metavar="S",
+    p.add_argument("--retry-budget", type=non_negative_float, default=None, metavar="S",
                    help=f"most seconds a run spends on redone rounds and waits; then disturbed rounds are "
                         f"kept and marked noisy [default: {PRESETS['full']['retry_budget']:g}; --quick "
                         f"{PRESETS['quick']['retry_budget']:g}]")
     p.add_argument("--seed", type=int, default=0, help="seed of the random gradients [default: 0]")
     p.add_argument("--compare", nargs="+", metavar="JSON", default=None,
                    help="OLD.json: run, then show how each figure moved against OLD (new/old, > 10%% "
-                        "slower flagged). OLD.json NEW.json: compare two runs without running")
-    p.add_argument("--threshold", type=float, default=0.10,
+                        "slower flagged; OLD is read and checked before the run). OLD.json NEW.json: "
+                        "compare two runs without running")
+    p.add_argument("--threshold", type=non_negative_float, default=0.10,
                    help="--compare flags time ratios above 1 + THRESHOLD [default: 0.10]")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -710,12 +781,16 @@ def main_args(args: argparse.Namespace) -> int:
     from . import bench_report as report
 
     if args.compare is not None and len(args.compare) > 2:
-        raise SystemExit("segclip bench: --compare takes OLD.json or OLD.json NEW.json")
-    if args.compare is not None and len(args.compare) == 2:
-        old, new = (report.load_json(p) for p in args.compare)
-        print(report.format_compare(old, new, args.threshold, names=tuple(args.compare)))
+        raise usage_error("segclip bench", "--compare takes OLD.json or OLD.json NEW.json")
+    try:  # read and checked before any timing: a wrong file must not cost a run
+        compared = [report.load_records_json(p) for p in args.compare or ()]
+    except report.BadJSON as exc:
+        raise usage_error("segclip bench", f"--compare {exc}") from None
+    if len(compared) == 2:
+        print(report.format_compare(*compared, args.threshold, names=tuple(args.compare)))
         return 0
     args = resolve_settings(args)
+    out = prepare_out_folder(args.out, "segclip bench")
     if args.threads != torch.get_num_threads():
         torch.set_num_threads(args.threads)
     load = load_average()
@@ -725,8 +800,6 @@ def main_args(args: argparse.Namespace) -> int:
               file=sys.stderr)
     result = run_bench(args, getattr(args, "command_argv", None))
     measurements = result.pop("_measurements")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     from torch.utils import benchmark
 
     if measurements:
@@ -743,8 +816,8 @@ def main_args(args: argparse.Namespace) -> int:
         png = report.plot_speedups(result, out / "speedup.png")
         if png:
             written.append(png)
-    if args.compare:
-        print(report.format_compare(report.load_json(args.compare[0]), result, args.threshold,
+    if compared:
+        print(report.format_compare(compared[0], result, args.threshold,
                                     names=(args.compare[0], str(json_path))))
     print(f"wrote {', '.join(str(p) for p in written)} ({result['wall_time_s']} s)")
     return 0

@@ -60,9 +60,39 @@ SHORT_CASE = {
 # Loading and normalising
 
 
-def load_json(path) -> dict:
-    with open(path) as f:
-        return json.load(f)
+class BadJSON(ValueError):
+    """A benchmark JSON that cannot be read: the message names the file, for a one-line error."""
+
+
+def load_json(path) -> dict | list:
+    """The JSON object (or list of records) in ``path``.
+
+    Raises:
+        BadJSON: the file is missing or unreadable, is not JSON, or its top level is neither an
+            object nor a list (one line naming the file, for the command line).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise BadJSON(f"{path}: no such file") from None
+    except OSError as exc:
+        raise BadJSON(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadJSON(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, (dict, list)):
+        raise BadJSON(f"{path}: not a benchmark JSON (its top level is {type(data).__name__ if data is not None else 'null'}, "
+                      "not an object or a list of records)")
+    return data
+
+
+def load_records_json(path) -> dict | list:
+    """:func:`load_json`, and the file must hold at least one readable record (for ``--compare``)."""
+    data = load_json(path)
+    if not any(r.get("median_s") is not None for r in normalize_records(data)):
+        raise BadJSON(f"{path}: holds no benchmark record with a time (a case, an implementation and "
+                      "a median time each)")
+    return data
 
 
 def _first(rec: dict, *keys):
@@ -468,8 +498,8 @@ def _machine_lines(result: dict) -> list[str]:
     if m.get("load_average_start") is not None:
         lines.append(f"- load average (1, 5, 15 min) at start {m.get('load_average_start')}, "
                      f"at end {m.get('load_average_end')}")
-    s = result.get("settings") or {}
-    if s:
+    s = result.get("settings") if isinstance(result, dict) else None
+    if isinstance(s, dict) and s:
         lines.append(f"- timing: min_run_time {s.get('min_run_time_s')} s x {s.get('rounds')} rounds per "
                      f"implementation; {s.get('timing', '')}")
     recs = raw_records(result)
@@ -564,10 +594,10 @@ def plot_speedups(result: dict, path) -> Path | None:
 def format_compare(old: dict, new: dict, threshold: float = 0.10, names=("old", "new")) -> str:
     """How each figure moved: new/old median time (> 1 + threshold flagged), and the speedups."""
     o, n = index(normalize_records(old)), index(normalize_records(new))
+    om, nm = machine_of(old), machine_of(new)  # {} for a list of records or a "machine" that is no object
     lines = [f"== compare: {names[1]} against {names[0]} ==",
-             f"old: {(old.get('machine') or {}).get('date', '?')}  {(old.get('machine') or {}).get('command', '')}",
-             f"new: {(new.get('machine') or {}).get('date', '?')}  {(new.get('machine') or {}).get('command', '')}"]
-    om, nm = old.get("machine") or {}, new.get("machine") or {}
+             f"old: {om.get('date', '?')}  {om.get('command', '')}",
+             f"new: {nm.get('date', '?')}  {nm.get('command', '')}"]
     for k in ("cpu_model", "torch_threads", "gpu_name", "torch_version"):
         if om.get(k) != nm.get(k):
             lines.append(f"note: {k} differs: {om.get(k)!r} -> {nm.get(k)!r}; times are not comparable as such")
@@ -695,10 +725,12 @@ def results_page(cpu: dict | None, cpu_path: str | None, gpu: dict | None = None
         TIMING_NOTE + "\n",
         "## CPU: gradient clipping (`segclip bench`)\n",
     ]
-    cpu_records = normalize_records(cpu, "cpu") if cpu else []
+    cpu_records = normalize_records(cpu, "cpu") if cpu is not None else []
     cpu_only = [r for r in cpu_records if r["device"] == "cpu"]
-    if cpu:
+    if cpu is not None:
         parts += [f"Source: `{cpu_path}`\n", *_machine_lines(cpu), ""]
+        if not cpu_only:
+            parts.append(f"`{cpu_path}` holds no readable CPU records: every CPU figure is not measured.\n")
     else:
         parts.append("No CPU benchmark JSON was given: every CPU figure is not measured.\n")
     parts += ["### Headline targets (cpu, fp32, segclip cpu; reported, not asserted)\n",
@@ -706,7 +738,7 @@ def results_page(cpu: dict | None, cpu_path: str | None, gpu: dict | None = None
     parts.append(markdown_tables(cpu_only, "cpu", cases=ALL_CASES, dtypes=list(DTYPES), modes=list(MODES),
                                  impls=cpu_impls))
     parts.append("## GPU: gradient clipping (CUDA)\n")
-    gpu_all = normalize_records(gpu, "cuda") if gpu else []
+    gpu_all = normalize_records(gpu, "cuda") if gpu is not None else []
     gpu_records = [r for r in gpu_all if r["device"] == "cuda"]
     gpu_source, gpu_meta = (gpu_path, gpu) if gpu_records else (None, None)
     if not gpu_records:  # a segclip bench JSON from a GPU machine holds cuda records too
@@ -748,20 +780,32 @@ def results_page(cpu: dict | None, cpu_path: str | None, gpu: dict | None = None
     return "\n".join(parts).rstrip() + "\n"
 
 
-def results_main(argv: list[str] | None = None) -> int:
+def results_main(argv: list[str] | None = None, repo_root: str | Path | None = None) -> int:
+    """``benchmarks/make_results.py``. ``repo_root`` (the folder above benchmarks/; default the one
+    above this package) is where the page goes and where the newest CPU JSON is looked for, whatever
+    the current folder."""
     import argparse
     import sys
 
+    repo = Path(repo_root) if repo_root is not None else Path(__file__).resolve().parents[1]
+    default_out = repo / "benchmarks" / "RESULTS.md"
     p = argparse.ArgumentParser(
         prog="make_results.py",
         description="Writes benchmarks/RESULTS.md from benchmark JSON files (never by hand).")
-    p.add_argument("--cpu-json", help="a `segclip bench` JSON [default: the newest benchmarks/results/cpu-*.json]")
+    p.add_argument("--cpu-json", help="a `segclip bench` JSON [default: the newest ROOT/benchmarks/results/cpu-*.json]")
     p.add_argument("--gpu-json", help="a GPU run's JSON (benchmarks/gpu_bench.py or `segclip bench --device cuda`)")
     p.add_argument("--train-json", help="a benchmarks/bench_train.py JSON")
-    p.add_argument("--out", default="benchmarks/RESULTS.md", help="the page to write [default: %(default)s]")
-    p.add_argument("--root", default=".", help="paths in the page are shown relative to this folder")
+    p.add_argument("--out", default=None, help=f"the page to write [default: {default_out}]")
+    p.add_argument("--root", default=None,
+                   help=f"paths in the page are shown relative to this folder, and the newest CPU JSON is "
+                        f"looked for under it [default: {repo}]")
     args = p.parse_args(argv)
-    root = Path(args.root).resolve()
+    root = Path(args.root).resolve() if args.root is not None else repo.resolve()
+    out = Path(args.out) if args.out is not None else default_out
+
+    def fail(message: str) -> int:
+        print(f"make_results.py: error: {message}", file=sys.stderr)
+        return 2
 
     def shown(path):
         try:
@@ -772,23 +816,32 @@ def results_main(argv: list[str] | None = None) -> int:
     cpu_path = args.cpu_json
     if cpu_path is None:
         found = sorted((root / "benchmarks" / "results").glob("cpu-*.json"))
-        cpu_path = str(found[-1]) if found else None
-    cpu = load_json(cpu_path) if cpu_path else None
-    gpu = load_json(args.gpu_json) if args.gpu_json else None
-    train = load_json(args.train_json) if args.train_json else None
+        if not found:
+            return fail(f"no --cpu-json given and no {root / 'benchmarks' / 'results' / 'cpu-*.json'} found; "
+                        "pass --cpu-json FILE (or --root the repository)")
+        cpu_path = str(found[-1])
+    try:
+        cpu = load_json(cpu_path)
+        gpu = load_json(args.gpu_json) if args.gpu_json else None
+        train = load_json(args.train_json) if args.train_json else None
+    except BadJSON as exc:
+        return fail(str(exc))
     cmd = ["python benchmarks/make_results.py"]
     for flag, v in (("--cpu-json", cpu_path), ("--gpu-json", args.gpu_json), ("--train-json", args.train_json)):
         if v:
             cmd.append(f"{flag} {shown(v)}")
-    page = results_page(cpu, shown(cpu_path) if cpu_path else None, gpu,
+    page = results_page(cpu, shown(cpu_path), gpu,
                         shown(args.gpu_json) if args.gpu_json else None, train,
                         shown(args.train_json) if args.train_json else None, command=" ".join(cmd))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(page)
-    print(f"wrote {args.out}", file=sys.stderr)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page)
+    except OSError as exc:
+        return fail(f"--out {out}: cannot write it ({exc.strerror or exc})")
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
-__all__ = ["load_json", "normalize_records", "format_rows", "format_targets", "summary_markdown",
+__all__ = ["BadJSON", "load_json", "load_records_json", "normalize_records", "format_rows", "format_targets", "summary_markdown",
            "plot_speedups", "format_compare", "results_page", "results_main", "evaluate_targets",
            "QUICK_CASES"]

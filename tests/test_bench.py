@@ -3,6 +3,7 @@ expected keys; they never assert a performance figure."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -109,12 +110,13 @@ def test_results_page_reads_lenient_gpu_and_train_json(tmp_path):
              {"model": "lraspp_mobilenet_v3_large", "clip": "none", "images_per_s": 31.0}]
     (tmp_path / "gpu.json").write_text(json.dumps(gpu))
     (tmp_path / "train.json").write_text(json.dumps(train))
+    (tmp_path / "cpu.json").write_text("[]")
     page_path = tmp_path / "RESULTS.md"
-    assert bench_report.results_main(["--gpu-json", str(tmp_path / "gpu.json"), "--train-json",
-                                      str(tmp_path / "train.json"), "--out", str(page_path),
+    assert bench_report.results_main(["--cpu-json", str(tmp_path / "cpu.json"), "--gpu-json", str(tmp_path / "gpu.json"),
+                                      "--train-json", str(tmp_path / "train.json"), "--out", str(page_path),
                                       "--root", str(tmp_path)]) == 0
     page = page_path.read_text()
-    assert "No CPU benchmark JSON was given" in page
+    assert "`cpu.json` holds no readable CPU records: every CPU figure is not measured" in page
     gpu_row = next(ln for ln in page.splitlines() if ln.startswith("| lraspp_mobilenet_v3_large")
                    and "2 ms" in ln)
     assert "500 us (4.00x, 50% of bound)" in gpu_row
@@ -176,7 +178,9 @@ def test_results_page_reads_gpu_bench_layout(tmp_path):
         path = tmp_path / f"gpu-{dry_run}.json"
         path.write_text(json.dumps(_gpu_bench_json(dry_run)))
         page_path = tmp_path / "RESULTS.md"
-        bench_report.results_main(["--gpu-json", str(path), "--out", str(page_path), "--root", str(tmp_path)])
+        (tmp_path / "cpu.json").write_text("[]")
+        assert bench_report.results_main(["--cpu-json", str(tmp_path / "cpu.json"), "--gpu-json", str(path),
+                                          "--out", str(page_path), "--root", str(tmp_path)]) == 0
         page = page_path.read_text()
         rows = [ln for ln in page.splitlines() if ln.startswith("| lraspp_mobilenet_v3_large | 178 |")]
         if dry_run:
@@ -203,3 +207,127 @@ def test_model_cases_are_the_gradients_a_training_step_produces(name):
     model(torch.randn(2, 3, 32, 32))["out"].square().mean().backward()
     got = [tuple(p.grad.shape) for p in model.parameters() if p.grad is not None]
     assert got == model_grad_shapes(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Usage errors: one line on stderr, exit 2, and before any timing (run_bench must not be reached)
+
+
+@pytest.fixture()
+def no_run(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the benchmark ran before the error was found")
+    monkeypatch.setattr(bench, "run_bench", refuse)
+
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    # one error line (argparse puts its usage lines above it), no traceback
+    assert "Traceback" not in err and ": error: " in last and err.count("error:") == 1, err
+    return last
+
+
+def test_bad_out_fails_before_the_run(tmp_path, no_run, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert f"--out {afile}: exists and is not a folder" in _usage_error(SMOKE + ["--out", str(afile)], capsys)
+    err = _usage_error(SMOKE + ["--out", str(afile / "sub")], capsys)
+    assert f"--out {afile / 'sub'}: cannot create the folder" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"), ("not json", "not JSON"), ("5", "not a benchmark JSON (its top level is int"),
+    ("[]", "holds no benchmark record"), ("{}", "holds no benchmark record"),
+    ('{"records": [{"case": "x", "impl": "torch_foreach", "median_s": "abc"}], "machine": "str"}',
+     "holds no benchmark record"),
+])
+def test_compare_checks_old_json_before_the_run(tmp_path, no_run, capsys, content, message):
+    old = tmp_path / "old.json"
+    if content is not None:
+        old.write_text(content)
+    err = _usage_error(SMOKE + ["--out", str(tmp_path / "run"), "--compare", str(old)], capsys)
+    assert f"--compare {old}: {message}" in err
+    assert not (tmp_path / "run").exists()
+    # comparing two files: the same errors
+    assert f"--compare {old}: {message}" in _usage_error(["--compare", str(old), str(old)], capsys)
+
+
+def test_compare_reads_a_list_of_records_and_a_machine_that_is_no_object(tmp_path, capsys):
+    rec = {"case": "synthetic_smoke", "impl": "torch_foreach", "mode": "active", "median_s": 1e-3}
+    (tmp_path / "a.json").write_text(json.dumps([rec]))
+    (tmp_path / "b.json").write_text(json.dumps({"records": [dict(rec, median_s=2e-3)], "machine": "str"}))
+    assert bench.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert "REGRESSION (+100%)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["--threads", "-1"], "argument --threads: must be at least 1, got -1"),
+    (["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+    (["--min-run-time", "-1"], "argument --min-run-time: must be a number >= 0, got -1"),
+    (["--min-run-time", "inf"], "argument --min-run-time: must be a finite number >= 0"),
+    (["--retries", "-1"], "argument --retries: must be 0 or more, got -1"),
+    (["--models", ""], "--models: no name given"),
+    (["--models", "bogus"], "unknown case 'bogus'"),
+    (["--dtypes", "fp32 fp64"], "unknown dtype 'fp64'"),
+])
+def test_bad_values_are_one_line_usage_errors(argv, message, tmp_path, no_run, capsys):
+    assert message in _usage_error(["--out", str(tmp_path / "run"), *argv], capsys)
+
+
+def _settings(*argv):
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    return bench.resolve_settings(p.parse_args(list(argv)))
+
+
+def test_lists_space_or_comma_separated_in_one_or_several_arguments():
+    args = _settings("--models", "synthetic_smoke synthetic_tiny", "--dtypes", "bf16 fp16", "--modes", "active,inactive")
+    assert args.models == ["synthetic_smoke", "synthetic_tiny"]
+    assert args.dtypes == ["bf16", "fp16"] and args.modes == ["active", "inactive"]
+    assert _settings("--dtypes", "bf16,", "fp16", "bf16").dtypes == ["bf16", "fp16"]
+    assert _settings("--models", "all,synthetic_smoke").models == list(bench.ALL_CASES) + ["synthetic_smoke"]
+    assert _settings("--models", "all").models == list(bench.ALL_CASES)
+
+
+def test_results_page_refuses_bad_json_in_one_line(tmp_path, capsys):
+    for content, message in ((None, "no such file"), ("not json", "not JSON"), ("5", "not a benchmark JSON (its top level is int")):
+        path = tmp_path / "x.json"
+        path.unlink(missing_ok=True)
+        if content is not None:
+            path.write_text(content)
+        for flag in ("--cpu-json", "--gpu-json", "--train-json"):
+            argv = ["--cpu-json", str(ROOT / "benchmarks" / "results" / "cpu-2026-11-29.json")] if flag != "--cpu-json" else []
+            assert bench_report.results_main([*argv, flag, str(path), "--out", str(tmp_path / "R.md")]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"make_results.py: error: {path}: {message}") and len(err.splitlines()) == 1
+    assert not (tmp_path / "R.md").exists()
+
+
+def test_results_page_from_another_folder_writes_the_repository_page(tmp_path, monkeypatch, capsys):
+    # A fake repository without CPU JSON: refused. With one: found from any current folder, the page
+    # goes to REPO/benchmarks/RESULTS.md and nothing is written in the current folder.
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert bench_report.results_main([], repo_root=repo) == 2
+    assert "no --cpu-json given and no " in capsys.readouterr().err
+    (repo / "benchmarks" / "results" / "cpu-2026-01-01.json").write_text("[]")
+    assert bench_report.results_main([], repo_root=repo) == 0
+    page = (repo / "benchmarks" / "RESULTS.md").read_text()
+    assert "--cpu-json benchmarks/results/cpu-2026-01-01.json" in page
+    # an empty list is a given file that holds nothing, not "no file given"
+    assert "`benchmarks/results/cpu-2026-01-01.json` holds no readable CPU records" in page
+    assert "No CPU benchmark JSON was given" not in page
+    assert not (tmp_path / "benchmarks").exists()
+    # the script itself: run from elsewhere, it takes this repository's newest cpu-*.json
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_results.py"), "--out", "R.md"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    newest = sorted((ROOT / "benchmarks" / "results").glob("cpu-*.json"))[-1]
+    assert f"--cpu-json benchmarks/results/{newest.name}" in (tmp_path / "R.md").read_text()
+    assert not (tmp_path / "benchmarks").exists()
