@@ -4,6 +4,7 @@ percentile (checked against a value worked out by hand)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,69 @@ def test_plot_of_a_folder_without_logs_is_a_clear_error(tmp_path, capsys):
 def test_plot_to_another_folder(run_dir, tmp_path):
     assert main(["plot", str(run_dir), "--out", str(tmp_path / "charts"), "--percentile", "99"]) == 0
     assert sorted(p.name for p in (tmp_path / "charts").iterdir()) == sorted(CHARTS)
+
+
+def _write_run(d, norms):
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"args": {"model": "m", "max_norm": 2.0, "clip": "fused"},
+                                               "warmup_iters": 0}))
+    with open(d / "steps.jsonl", "w") as f:
+        for s, g in enumerate(norms, 1):
+            # json.dumps writes NaN / Infinity, which json.loads reads back (as the trainer's log may hold)
+            f.write(json.dumps({"step": s, "epoch": 0, "lr": 0.1, "loss": None if g is None else 1.0,
+                                "grad_norm": g, "clipped": g is not None and g > 2.0, "skipped": g is None,
+                                "t_data": 0.001, "t_forward": 0.01, "t_backward": 0.02, "t_clip": 0.001,
+                                "t_step": 0.002}) + "\n")
+    return d
+
+
+@pytest.fixture()
+def titles(monkeypatch):
+    """The first line of each chart's title, by file name."""
+    from matplotlib.figure import Figure
+
+    seen = {}
+    real = Figure.savefig
+
+    def savefig(self, path, *args, **kwargs):
+        seen[Path(path).name] = self.axes[0].get_title().splitlines()[0]
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return seen
+
+
+@pytest.mark.filterwarnings("error")
+def test_plot_of_a_run_where_every_step_was_skipped(tmp_path, capsys, titles):
+    d = _write_run(tmp_path / "run", [None] * 5)
+    assert main(["plot", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (d / "plots").iterdir()) == sorted(set(CHARTS) - {"grad_norm_hist.png"})
+    assert "no max_norm suggested and grad_norm_hist.png not drawn: no finite gradient norm was logged" in out
+    assert "0.0% of 0 steps clipped (5 without a finite norm)" in titles["grad_norm.png"]
+
+
+@pytest.mark.filterwarnings("error")  # no numpy RuntimeWarning from NaN or inf
+def test_plot_ignores_nan_and_infinite_norms(tmp_path, capsys, titles):
+    norms = [1.0, float("nan"), 3.0, float("inf"), None, 1.5, -float("inf")]
+    d = _write_run(tmp_path / "run", norms)
+    assert "NaN" in (d / "steps.jsonl").read_text()
+    assert main(["plot", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (d / "plots").iterdir()) == sorted(CHARTS)
+    # the 3 finite norms 1, 3, 1.5: median 1.5; one of them (3) above max_norm 2
+    assert "of the 3 gradient norms logged (median 1.5)" in out
+    assert "33.3% of 3 steps clipped (4 without a finite norm)" in titles["grad_norm.png"]
+    assert "(3 steps, 4 without a finite norm)" in titles["grad_norm_hist.png"]
+
+
+def test_plot_out_that_is_a_file_is_a_one_line_error(run_dir, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["plot", str(run_dir), "--out", str(afile)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"segclip plot: error: --out {afile}: exists and is not a folder"
+    # any other OSError (here from mkdir under a file) is one line naming the path too
+    assert main(["plot", str(run_dir), "--out", str(afile / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"segclip plot: error: {afile / 'sub'}: Not a directory"

@@ -1,7 +1,7 @@
 """The ``train``, ``eval``, ``predict`` and ``plot`` subcommands (registered in segclip.cli).
 
-Errors a user can fix (a missing dataset or file, a bad checkpoint) are printed as one message
-naming the path, with exit status 2; set ``SEGCLIP_TRACEBACK=1`` to get the traceback instead.
+Errors a user can fix (a missing dataset or file, a bad checkpoint, a path that cannot be read or
+written) are printed as one message naming the path, with exit status 2; set ``SEGCLIP_TRACEBACK=1`` to get the traceback instead.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ def _clean_message(exc: BaseException) -> str:
         return tail if sep and head.split(".")[-1].endswith(("Error", "Exception")) else last
     if isinstance(exc, KeyError) and text.startswith(("'", '"')):
         return text[1:-1]
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        # "[Errno 17] File exists: 'x'" -> "x: File exists" (and "a -> b" for a rename or a link)
+        names = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+        return f"{names}: {exc.strerror}"
     return text
 
 
@@ -44,7 +48,7 @@ def _guarded(command: str, func):
     def wrapper(args):
         try:
             return func(args)
-        except (DataError, FileNotFoundError, ValueError) as exc:
+        except (DataError, OSError, ValueError) as exc:  # OSError: a path that cannot be read or written
             if os.environ.get("SEGCLIP_TRACEBACK", "0") == "1":
                 raise
             print(f"segclip {command}: error: {_clean_message(exc)}", file=sys.stderr)

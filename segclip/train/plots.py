@@ -60,6 +60,13 @@ def _plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def _finite(value) -> float | None:
+    """``value`` as a float when it is a finite number (JSON null, NaN, Infinity and strings: None)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def _moving_average(values: list[float], window: int) -> list[float]:
     out, acc, q = [], 0.0, []
     for v in values:
@@ -93,6 +100,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     clip_mode = args.get("clip", "fused")
     warmup = int(config.get("warmup_iters", 0) or 0)
     out = Path(out) if out else run_dir / "plots"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     model = args.get("model", "")
     title = f"run {run_dir.name}" + (f" ({model})" if model and not run_dir.name.startswith(model) else "")
@@ -105,10 +114,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
         plt.close(fig)
         written.append(path)
 
-    x = [r["step"] for r in steps]
     # Loss
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    pts = [(r["step"], r["loss"]) for r in steps if r.get("loss") is not None]
+    pts = [(r["step"], _finite(r.get("loss"))) for r in steps if _finite(r.get("loss")) is not None]
     if pts:
         sx, sy = zip(*pts)
         ax.plot(sx, sy, color="tab:blue", alpha=0.3, lw=0.8, label="loss per step")
@@ -117,8 +125,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     ends = {}
     for r in steps:
         ends[r["epoch"]] = r["step"]
-    ep = [(ends[e["epoch"]], e["train_loss"]) for e in epochs if e.get("train_loss") is not None
-          and e["epoch"] in ends]
+    ep = [(ends[e["epoch"]], e["train_loss"]) for e in epochs if _finite(e.get("train_loss")) is not None
+          and e.get("epoch") in ends]
     if ep:
         ax.plot(*zip(*ep), "o-", color="tab:orange", label="mean per epoch")
     skipped = [r["step"] for r in steps if r.get("skipped")]
@@ -126,13 +134,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
         ax.axvline(s, color="red", alpha=0.3, lw=0.8)
     ax.set(xlabel="step", ylabel="loss", title=f"training loss\n{title}"
            + (f"\n{len(skipped)} steps skipped (non-finite, red lines)" if skipped else ""))
+    if not pts:
+        ax.text(0.5, 0.5, "no finite loss logged", ha="center", va="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     save(fig, "loss.png")
 
     # Learning rate
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(x, [r["lr"] for r in steps], color="tab:green")
+    lr = [(r["step"], _finite(r.get("lr"))) for r in steps if _finite(r.get("lr")) is not None]
+    if lr:
+        ax.plot(*zip(*lr), color="tab:green")
     if warmup:
         ax.axvline(warmup, color="grey", ls="--", lw=1, label=f"end of warmup ({warmup} steps)")
         ax.legend()
@@ -159,12 +172,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     ax.grid(alpha=0.3)
     save(fig, "miou.png")
 
-    # Gradient norm per step
-    norms = [(r["step"], r["grad_norm"], r.get("clipped", False)) for r in steps
-             if r.get("grad_norm") is not None]
+    # Gradient norm per step: only finite norms (a skipped step logs null; NaN/Infinity may be logged too)
+    norms = [(r["step"], _finite(r.get("grad_norm")), bool(r.get("clipped", False))) for r in steps
+             if _finite(r.get("grad_norm")) is not None]
     finite_steps = len(norms)
     n_clipped = sum(1 for _, _, c in norms if c)
     share = n_clipped / finite_steps if finite_steps else 0.0
+    no_norm = len(steps) - finite_steps
+    no_norm_text = f" ({no_norm} without a finite norm)" if no_norm else ""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if norms:
         nx, ny, nc = zip(*norms)
@@ -175,24 +190,68 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
             ax.scatter(cx, cy, s=8, color="tab:red", zorder=3, label=f"clipped steps ({n_clipped})")
         ax.set_yscale("log")
         _plain_log_ticks(ax.yaxis)
+    else:
+        ax.text(0.5, 0.5, f"no finite gradient norm logged ({len(steps)} steps, all skipped or non-finite)",
+                ha="center", va="center", transform=ax.transAxes)
     if max_norm is not None and clip_mode != "none":
         ax.axhline(max_norm, color="black", ls="--", lw=1.2, label=f"max_norm = {max_norm:g}")
     mode = "no clipping (norm only measured)" if clip_mode == "none" else f"clip={clip_mode}"
     ax.set(xlabel="step", ylabel=f"total gradient norm (L{args.get('norm_type', 2.0):g})",
-           title=f"gradient norm before clipping, {mode}: {100 * share:.1f}% of steps clipped\n{title}")
+           title=f"gradient norm before clipping, {mode}: {100 * share:.1f}% of {finite_steps} steps "
+                 f"clipped{no_norm_text}\n{title}")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="upper right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right")
     save(fig, "grad_norm.png")
 
-    # Histogram and suggestion
+    # Histogram and suggestion: only with at least one finite norm
     values = [v for _, v, _ in norms]
-    suggestion, median, why = suggest_max_norm(values, percentile, skip=warmup)
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    if values:
+        why = _histogram(plt, save, values, [s for s, _, _ in norms], warmup, percentile, max_norm, clip_mode,
+                         share, title, no_norm)
+    else:
+        why = (f"no max_norm suggested and grad_norm_hist.png not drawn: no finite gradient norm was logged "
+               f"({len(steps)} steps, all skipped or non-finite).")
+
+    # Timing
+    fig, ax = plt.subplots(figsize=(7, 4))
+    means = [sum(_finite(r.get(f"t_{p}")) or 0.0 for r in steps) / len(steps) * 1e3 for p in PHASES]
+    total = sum(means)
+    bars = ax.bar(PHASES, means, color=["tab:grey", "tab:blue", "tab:orange", "tab:red", "tab:green"])
+    for b, m in zip(bars, means):
+        ax.annotate(f"{m:.1f} ms\n{100 * m / total:.1f}%" if total else "", (b.get_x() + b.get_width() / 2, m),
+                    textcoords="offset points", xytext=(0, 2), ha="center", fontsize=8)
+    ax.set(ylabel="ms per step (mean)", title=f"time per step: {total:.0f} ms, clip={clip_mode}\n{title}")
+    ax.set_ylim(0, max(means) * 1.25 if total else 1)
+    ax.grid(alpha=0.3, axis="y")
+    save(fig, "timing.png")
+
+    clip_note = ""
+    if max_norm is not None and clip_mode != "none" and values:
+        if share > 0.5:
+            clip_note = (f" The max_norm used ({max_norm:g}) clipped {100 * share:.0f}% of steps: it acts as "
+                         f"a hidden learning-rate cut rather than a spike guard.")
+        elif share == 0:
+            clip_note = f" The max_norm used ({max_norm:g}) never clipped: it guards only against bigger spikes."
+        else:
+            clip_note = f" The max_norm used ({max_norm:g}) clipped {100 * share:.1f}% of steps."
+    log(why + clip_note + (" Norms change with the learning rate, batch size and model: re-check after "
+                           "changing them." if values else ""))
+    return written
+
+
+def _histogram(plt, save, values: list[float], steps: list[int], warmup: int, percentile: float,
+               max_norm, clip_mode: str, share: float, title: str, no_norm: int = 0) -> str:
+    """grad_norm_hist.png from the finite norms (``steps``: their step numbers); returns the
+    suggestion's reasoning."""
     import numpy as np
 
+    n_warm = sum(1 for s in steps if s <= warmup)  # finite norms logged during warmup
+    suggestion, median, why = suggest_max_norm(values, percentile, skip=n_warm)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     lo, hi = max(min(values), 1e-12), max(values)
     bins = np.geomspace(lo, hi * 1.0001, 40) if hi > lo * 1.01 else 20
-    n_warm = min(warmup, len(values)) if len(values) - warmup >= 20 else 0
+    n_warm = n_warm if len(values) - n_warm >= 20 else 0
     if n_warm:
         ax.hist([values[n_warm:], values[:n_warm]], bins=bins, stacked=True, color=["tab:blue", "lightgrey"],
                 label=["after warmup", f"during warmup ({n_warm} steps)"])
@@ -208,33 +267,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
         ax.axvline(max_norm, color="black", ls="--", lw=1.2,
                    label=f"max_norm used {max_norm:g} ({100 * share:.1f}% clipped)")
     ax.set(xlabel="total gradient norm before clipping (log scale)", ylabel="steps",
-           title=f"observed gradient norms ({len(values)} steps): how to choose max_norm\n{title}")
+           title=f"observed gradient norms ({len(values)} steps{f', {no_norm} without a finite norm' if no_norm else ''}): how to choose max_norm\n{title}")
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     save(fig, "grad_norm_hist.png")
-
-    # Timing
-    fig, ax = plt.subplots(figsize=(7, 4))
-    means = [sum(r.get(f"t_{p}", 0.0) for r in steps) / len(steps) * 1e3 for p in PHASES]
-    total = sum(means)
-    bars = ax.bar(PHASES, means, color=["tab:grey", "tab:blue", "tab:orange", "tab:red", "tab:green"])
-    for b, m in zip(bars, means):
-        ax.annotate(f"{m:.1f} ms\n{100 * m / total:.1f}%" if total else "", (b.get_x() + b.get_width() / 2, m),
-                    textcoords="offset points", xytext=(0, 2), ha="center", fontsize=8)
-    ax.set(ylabel="ms per step (mean)", title=f"time per step: {total:.0f} ms, clip={clip_mode}\n{title}")
-    ax.set_ylim(0, max(means) * 1.25 if total else 1)
-    ax.grid(alpha=0.3, axis="y")
-    save(fig, "timing.png")
-
-    clip_note = ""
-    if max_norm is not None and clip_mode != "none":
-        if share > 0.5:
-            clip_note = (f" The max_norm used ({max_norm:g}) clipped {100 * share:.0f}% of steps: it acts as "
-                         f"a hidden learning-rate cut rather than a spike guard.")
-        elif share == 0:
-            clip_note = f" The max_norm used ({max_norm:g}) never clipped: it guards only against bigger spikes."
-        else:
-            clip_note = f" The max_norm used ({max_norm:g}) clipped {100 * share:.1f}% of steps."
-    log(why + clip_note + " Norms change with the learning rate, batch size and model: re-check after "
-        "changing them.")
-    return written
+    return why
