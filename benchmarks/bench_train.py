@@ -37,6 +37,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import segclip  # noqa: E402
+from segclip.bench import (  # noqa: E402
+    non_negative_float, non_negative_int, positive_int, prepare_out_folder, usage_error,
+)
+from segclip.train.distributed import pick_device  # noqa: E402
 from segclip.train.data import locate_voc, open_split, pad_collate  # noqa: E402
 from segclip.train.engine import CLIP_MODES, StepConfig, TrainState, train_one_epoch  # noqa: E402
 from segclip.train.models import MODELS, build_model  # noqa: E402
@@ -45,24 +49,28 @@ from segclip.train.synthetic import SyntheticSpec, ensure_synthetic  # noqa: E40
 from segclip.train.transforms import train_transforms  # noqa: E402
 
 DEFAULT_MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
+MIN_SIZE = 16  # the synthetic dataset's smallest image side
+PROG = "bench_train.py"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
                    help=f"comma-separated models, from: {', '.join(MODELS)}")
     p.add_argument("--clips", default=",".join(CLIP_MODES), help="comma-separated clip modes")
     p.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda, cuda:N")
-    p.add_argument("--size", type=int, default=None, help="crop side (None: 96 on CPU, 320 on CUDA)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (None: 8 on CPU, 16 on CUDA)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per mode (None: 30 on CPU, 60 on CUDA)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode before the first round")
-    p.add_argument("--rounds", type=int, default=3, help="the timed steps are split into this many rounds")
-    p.add_argument("--max-norm", type=float, default=1.0,
+    p.add_argument("--size", type=positive_int, default=None,
+                   help=f"crop side, at least {MIN_SIZE} (None: 96 on CPU, 320 on CUDA)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="images per step; 2 or more for deeplabv3 models (None: 8 on CPU, 16 on CUDA)")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per mode (None: 30 on CPU, 60 on CUDA)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps per mode before the first round")
+    p.add_argument("--rounds", type=positive_int, default=3, help="the timed steps are split into this many rounds")
+    p.add_argument("--max-norm", type=non_negative_float, default=1.0,
                    help="clip threshold (low enough that clipping is active: the costlier case)")
     p.add_argument("--amp", action="store_true", help="fp16 (CUDA) / bf16 (CPU) autocast")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (None: torch's default)")
     p.add_argument("--out", default=None, help="folder for bench_train.json (None: print only)")
     return p.parse_args(argv)
 
@@ -84,23 +92,41 @@ def make_batches(n: int, size: int, batch: int, cache: Path | None = None) -> li
     return batches
 
 
+def resolve(args) -> tuple[torch.device, int, int, int, list[str], list[str]]:
+    """(device, size, batch, steps, models, clips) from the arguments; a one-line error (exit 2)
+    for any value that would fail later, before anything is built or timed."""
+    try:
+        device = pick_device(args.device)
+    except ValueError as exc:
+        raise usage_error(PROG, str(exc)) from None
+    cuda = device.type == "cuda"
+    size = args.size if args.size is not None else (320 if cuda else 96)
+    batch = args.batch_size if args.batch_size is not None else (16 if cuda else 8)
+    steps = args.steps if args.steps is not None else (60 if cuda else 30)
+    if size < MIN_SIZE:
+        raise usage_error(PROG, f"--size must be at least {MIN_SIZE} (the synthetic images' smallest side), got {size}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    clips = [c.strip() for c in args.clips.split(",") if c.strip()]
+    if not models or not clips:
+        raise usage_error(PROG, f"--{'models' if not models else 'clips'}: no name given")
+    for m in models:
+        if m not in MODELS:
+            raise usage_error(PROG, f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+        if m.startswith("deeplabv3_") and batch < 2:
+            raise usage_error(PROG, f"--models {m} needs --batch-size 2 or more: the image-pooling branch of "
+                                    f"its ASPP head applies BatchNorm to a 1x1 map, and BatchNorm in training "
+                                    f"needs more than one value per channel")
+    for c in clips:
+        if c not in CLIP_MODES:
+            raise usage_error(PROG, f"unknown clip mode {c!r}; choose from {', '.join(CLIP_MODES)}")
+    return device, size, batch, steps, models, clips
+
+
 def run(args) -> dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device, size, batch, steps, models, clips = resolve(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
-    size = args.size or (320 if cuda else 96)
-    batch = args.batch_size or (16 if cuda else 8)
-    steps = args.steps or (60 if cuda else 30)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    clips = [c.strip() for c in args.clips.split(",") if c.strip()]
-    for m in models:
-        if m not in MODELS:
-            raise SystemExit(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
-    for c in clips:
-        if c not in CLIP_MODES:
-            raise SystemExit(f"unknown clip mode {c!r}; choose from {', '.join(CLIP_MODES)}")
     rounds = max(1, min(args.rounds, steps))
     per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
     batches = make_batches(max(per_round) + args.warmup, size, batch)
@@ -174,11 +200,11 @@ def table(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    resolve(args)  # every argument checked before the (minutes long) run
+    out = prepare_out_folder(args.out, PROG) if args.out else None  # likewise the output folder
     report = run(args)
     print(table(report))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         (out / "bench_train.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out / 'bench_train.json'}")
     return 0

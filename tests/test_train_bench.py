@@ -5,14 +5,22 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+import torch
+
 from _train_util import REPO
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "benchmarks" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 def test_bench_train_smoke(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SEGCLIP_CACHE", str(tmp_path / "cache"))
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "benchmarks" / "bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load()
     assert bench.main(["--models", "lraspp_mobilenet_v3_large", "--size", "32", "--batch-size", "2",
                        "--steps", "2", "--warmup", "1", "--rounds", "2",
                        "--out", str(tmp_path)]) == 0
@@ -23,3 +31,39 @@ def test_bench_train_smoke(tmp_path, monkeypatch, capsys):
     assert r["clipped_share"] == 0  # clip=none never clips
     out = capsys.readouterr().out
     assert "clip share" in out and "img/s" in out
+
+
+BAD_ARGS = [
+    (["--max-norm", "-1"], "argument --max-norm: must be a number >= 0, got -1"),
+    (["--size", "8"], "--size must be at least 16"),
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+    (["--warmup", "-1"], "argument --warmup: must be 0 or more, got -1"),
+    (["--models", "deeplabv3_mobilenet_v3_large", "--batch-size", "1"],
+     "--models deeplabv3_mobilenet_v3_large needs --batch-size 2 or more"),
+    (["--models", ","], "--models: no name given"),
+    (["--clips", "sometimes"], "unknown clip mode 'sometimes'"),
+    (["--device", "bogus"], "--device bogus: not a device"),
+    (["--out", "AFILE"], "--out AFILE: exists and is not a folder"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: CUDA is not available here")])
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGS)
+def test_bad_arguments_are_one_line_errors_before_the_run(argv, message, tmp_path, monkeypatch, capsys):
+    bench = _load()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the benchmark ran before the error was found")
+
+    monkeypatch.setattr(bench, "run", refuse)
+    monkeypatch.setattr(bench, "make_batches", refuse)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    argv = [str(afile) if a == "AFILE" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert last.startswith("bench_train.py: error: ") and message.replace("AFILE", str(afile)) in last
