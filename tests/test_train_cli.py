@@ -129,3 +129,40 @@ def test_a_run_folder_is_not_reused_without_resume(tmp_path, capsys):
     (tmp_path / "plots-only").mkdir()  # a folder without a run is fine: fails later, for another reason
     assert main(["train", "--out", str(tmp_path / "plots-only"), "--epochs", "0"]) == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["demo", "--max-norm", "-1"], "argument --max-norm: must be a number >= 0, got -1"),
+    (["demo", "--size", "0"], "argument --size: must be at least 1, got 0"),
+])
+def test_demo_bad_values_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_runs_every_available_backend_cuda_included(monkeypatch, capsys):
+    # No GPU needed: the cuda backend is reported available, its gradient copy stays on the CPU and
+    # its calls go to the cpu kernel; what is checked is that demo runs it (and torch on its device).
+    import dataclasses
+
+    import segclip
+    from segclip import demo
+    from segclip.cli import main
+
+    real_backends, real_clip = segclip.backends, segclip.fused_clip_
+    monkeypatch.setattr(segclip, "backends", lambda: {
+        k: dataclasses.replace(v, available=True, reason=None) if k == "cuda" else v
+        for k, v in real_backends().items()})
+    monkeypatch.setattr(segclip, "fused_clip_", lambda ps, max_norm, backend=None, **kw: real_clip(
+        ps, max_norm, backend="cpu" if backend == "cuda" else backend, **kw))
+    monkeypatch.setattr(demo, "CUDA_DEVICE", "cpu")
+    assert main(["demo", "--size", "16", "--repeats", "1"]) == 0
+    rows = {ln.split()[0] + (ln.split()[1] if ln.split()[1].startswith("[") else ""): ln
+            for ln in capsys.readouterr().out.splitlines() if ln.startswith(("torch.nn", "segclip.fused"))}
+    assert set(rows) == {"torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grad_norm_[cuda]",
+                         "segclip.fused_clip_[cpu]", "segclip.fused_clip_[cuda]", "segclip.fused_clip_[torch]"}
+    norms = {float(ln.split()[-6]) for ln in rows.values()}
+    assert max(norms) - min(norms) < 1e-3 * max(norms)  # every implementation saw the same gradients
+    assert all("norm after clipping 1.000000" in ln for ln in rows.values())
