@@ -331,3 +331,39 @@ def test_results_page_from_another_folder_writes_the_repository_page(tmp_path, m
     newest = sorted((ROOT / "benchmarks" / "results").glob("cpu-*.json"))[-1]
     assert f"--cpu-json benchmarks/results/{newest.name}" in (tmp_path / "R.md").read_text()
     assert not (tmp_path / "benchmarks").exists()
+
+
+def _gpu_bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_out_is_checked_before_the_run(tmp_path, capsys):
+    gpu_bench = _gpu_bench_module()
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out, message in ((afile / "x.json", f"cannot create its folder {afile}"), (tmp_path, "is a folder")):
+        assert gpu_bench.main(["--dry-run", "--out", str(out)]) == 2  # returns before building any case
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"gpu_bench.py: error: --out {out}: {message}") and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        gpu_bench.main(["--dry-run", "--iters", "0"])
+    assert e.value.code == 2 and "argument --iters: must be above 0, got 0" in capsys.readouterr().err
+
+
+def test_gpu_bench_dry_run_evaluates_no_target(tmp_path, capsys):
+    try:
+        import segclip._C  # noqa: F401  (the dry run calls the compiled ops on the CPU)
+    except ImportError:
+        pytest.skip("segclip's CPU extension is not built")
+    gpu_bench = _gpu_bench_module()
+    assert gpu_bench.main(["--dry-run", "--out", str(tmp_path / "sub" / "dry.json")]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("case "):]
+    assert "dry run: targets not evaluated" in table
+    assert " ok" not in table and "MISS" not in table
+    assert json.loads((tmp_path / "sub" / "dry.json").read_text())["env"]["dry_run"] is True
