@@ -189,3 +189,44 @@ def test_changed_steps_per_epoch_moves_the_schedule_and_an_unchanged_one_is_load
     assert sched3.last_epoch == 20 and opt3.param_groups[0]["lr"] == pytest.approx(0.2)
     sched3.step()
     assert opt3.param_groups[0]["lr"] == pytest.approx(0.2 * (1 - 1 / 20) ** 0.9)
+
+
+def test_run_folder_reuse_resume_elsewhere_finished_runs_and_changed_optimizer(tmp_path, capsys):
+    from segclip.cli import main
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    tiny = [*TINY, "--no-plot", "--cache-dir", str(tmp_path / "cache")]
+    # A run killed in its first epoch left logs but no last.pt: the same command starts afresh there.
+    run.mkdir()
+    (run / "steps.jsonl").write_text("".join(json.dumps({"step": s, "epoch": 0}) + "\n" for s in (1, 2, 3)))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", *tiny, "--epochs", "1", "--out", str(run)]) == 0
+        out = capsys.readouterr().out
+        assert "nothing to resume); starting afresh there, replacing its steps.jsonl" in out
+        assert [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        # Nothing left to train: exit 0, the folder untouched.
+        assert main(["train", "--resume", str(run / "last.pt"), "--epochs", "1"]) == 0
+        assert "nothing left to train (1 epoch done, --epochs 1)" in capsys.readouterr().out
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+        # --out another folder holding a run is refused; the checkpoint's own folder is not.
+        other.mkdir()
+        (other / "steps.jsonl").write_text("{}\n")
+        assert main(["train", "--resume", str(run / "last.pt"), "--epochs", "2", "--out", str(other)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {other} already holds another run (steps.jsonl)" in err and f"continues the run in {run}" in err
+        assert (other / "steps.jsonl").read_text() == "{}\n"
+        # Another optimizer than the checkpoint's: one line, exit 2.
+        assert main(["train", "--resume", str(run / "last.pt"), "--epochs", "2", "--optimizer", "adamw"]) == 2
+        err = capsys.readouterr().err
+        assert "was trained with sgd" in err and len(err.strip().splitlines()) == 1
+        # New --weight-decay and --momentum apply to the resumed optimizer.
+        assert main(["train", "--resume", str(run / "last.pt"), "--epochs", "2", "--out", str(run),
+                     "--weight-decay", "5e-4", "--momentum", "0.8"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "optimizer follows this run's arguments (weight decay 0.0001 -> 0.0005, momentum 0.9 -> 0.8)" \
+        in capsys.readouterr().out
+    groups = torch.load(run / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["momentum"]) for g in groups] == [(5e-4, 0.8), (0.0, 0.8)]

@@ -119,13 +119,15 @@ def test_norm_type_batch_size_and_device_errors_are_one_line(tmp_path, capsys):
 def test_a_run_folder_is_not_reused_without_resume(tmp_path, capsys):
     from segclip.cli import main
 
+    # A folder with last.pt (a completed epoch) is refused. One with logs only (a run stopped in its
+    # first epoch) is started afresh: see test_train_checkpoint.py.
+    out = tmp_path / "run"
+    out.mkdir()
     for name in ("steps.jsonl", "last.pt"):
-        out = tmp_path / name.split(".")[0]
-        out.mkdir()
         (out / name).write_text("")
-        assert main(["train", "--out", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert f"--out {out} already holds a run ({name})" in err and f"--resume {out / 'last.pt'}" in err
+    assert main(["train", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} already holds a run (steps.jsonl, last.pt)" in err and f"--resume {out / 'last.pt'}" in err
     (tmp_path / "plots-only").mkdir()  # a folder without a run is fine: fails later, for another reason
     assert main(["train", "--out", str(tmp_path / "plots-only"), "--epochs", "0"]) == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from .metrics import format_table
 from .models import build_model, load_weights
 from .optim import build_optimizer, build_scheduler, load_schedule
 from .palette import VOID, class_names
-from .runlog import CONFIG, METRICS, STEPS, RunLog, default_run_dir
+from .runlog import CONFIG, EPOCHS, METRICS, STEPS, RunLog, default_run_dir
 from .synthetic import SyntheticSpec, ensure_synthetic
 from .transforms import eval_transforms, train_transforms
 
@@ -135,16 +135,34 @@ def check_args(args: argparse.Namespace) -> None:
                          f"BatchNorm in training needs more than one value per channel")
 
 
-def check_run_folder(args: argparse.Namespace) -> None:
-    """Refuses an ``--out`` folder that already holds a run, unless resuming: its logs would be
-    appended to (steps 1, 2, 1, 2) and its plots would mix two runs."""
-    if not args.out or args.resume:
-        return
+def check_run_folder(args: argparse.Namespace) -> list[str]:
+    """Refuses an ``--out`` folder that already holds another run: its logs would be appended to
+    (steps 1, 2, 1, 2) and its plots would mix two runs.
+
+    * Without ``--resume``: a folder with ``last.pt`` (a completed epoch) is refused; a folder with
+      logs but no ``last.pt`` (a run stopped during its first epoch: nothing to resume) is reused,
+      and the names of its log files to replace are returned (the caller removes them).
+    * With ``--resume CKPT`` and an ``--out`` other than CKPT's folder: refused when ``--out``
+      already holds a run (``steps.jsonl`` or ``last.pt``); an empty or new ``--out`` starts a copy
+      of the run there.
+    """
+    if not args.out:
+        return []
     out = Path(args.out)
     held = [name for name in (STEPS, "last.pt") if (out / name).exists()]
-    if held:
+    if not held:
+        return []
+    if args.resume:
+        home = Path(args.resume).parent
+        if os.path.abspath(out) == os.path.abspath(home):
+            return []
+        raise ValueError(f"--out {out} already holds another run ({', '.join(held)}), and --resume "
+                         f"{args.resume} continues the run in {home}; leave out --out to continue it "
+                         f"there, or choose an --out that holds no run")
+    if "last.pt" in held:
         raise ValueError(f"--out {out} already holds a run ({', '.join(held)}); continue it with "
                          f"--resume {out / 'last.pt'}, or choose another --out (or delete the folder)")
+    return [name for name in (STEPS, EPOCHS, METRICS) if (out / name).exists()]
 
 
 def _absolute(path) -> str | None:
@@ -182,6 +200,31 @@ def make_checkpoint(model, optimizer, scheduler, scaler, epoch: int, state: Trai
     }
 
 
+def _optimizer_kind(state: dict) -> str | None:
+    """``sgd`` or ``adamw`` from an optimizer state dict's param_groups (older checkpoints)."""
+    groups = state.get("param_groups") or [{}]
+    return "sgd" if "momentum" in groups[0] else "adamw" if "betas" in groups[0] else None
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, args) -> str | None:
+    """After loading a checkpoint's optimizer state: sets this run's ``--weight-decay`` (on the
+    decayed group; biases and norm weights keep 0) and, for SGD, ``--momentum``, which the loaded
+    param_groups would otherwise override. Returns a note of what changed (None: nothing)."""
+    changes = []
+    group = optimizer.param_groups[0]
+    if group["weight_decay"] != args.weight_decay:
+        changes.append(f"weight decay {group['weight_decay']:g} -> {args.weight_decay:g}")
+    group["weight_decay"] = args.weight_decay
+    if "momentum" in group:
+        if group["momentum"] != args.momentum:
+            changes.append(f"momentum {group['momentum']:g} -> {args.momentum:g}")
+        for g in optimizer.param_groups:
+            g["momentum"] = args.momentum
+    if changes:
+        return f"resume: the optimizer follows this run's arguments ({', '.join(changes)})"
+    return None
+
+
 def _metric_summary(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("pixel_accuracy", "mean_iou", "iou")}
 
@@ -198,7 +241,7 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     log = _Printer(info.is_main)
     for key in ("out", "resume", "weights"):
         setattr(args, key, _absolute(getattr(args, key)))
-    check_run_folder(args)
+    replace_logs = check_run_folder(args)
     resume = None
     if args.resume:
         resume = ckpt_io.load(args.resume)
@@ -210,6 +253,17 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
                              f"in the same folder (the last completed epoch)")
         resume_args(args, resume.get("args", {}), log)
     check_args(args)  # after resume_args: the values this run will use
+    if resume is not None:
+        done = int(resume["epoch"]) + 1
+        if done >= args.epochs:  # before anything is read or written
+            log(f"nothing left to train ({done} epoch{'s' if done != 1 else ''} done, --epochs "
+                f"{args.epochs}); the run folder is left as it is. Give a larger --epochs to train on.")
+            return 0
+        saved_opt = resume.get("args", {}).get("optimizer") or _optimizer_kind(resume["optimizer"])
+        if saved_opt and saved_opt != args.optimizer:
+            raise ValueError(f"--optimizer {args.optimizer}: {args.resume} was trained with {saved_opt}, "
+                             f"whose state cannot continue as {args.optimizer}; resume with --optimizer "
+                             f"{saved_opt}, or start a new run from its weights with --weights {args.resume}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.deterministic:
@@ -266,10 +320,18 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     if run_dir is None:
         run_dir = dist_utils.broadcast_object(default_run_dir(args.model, args.runs_root) if info.is_main else None)
     runlog = RunLog(run_dir, enabled=info.is_main)
+    if replace_logs and info.is_main:
+        for name in replace_logs:
+            (run_dir / name).unlink(missing_ok=True)
+        log(f"note: {run_dir} holds a run stopped before its first epoch ended (no last.pt, nothing to "
+            f"resume); starting afresh there, replacing its {', '.join(replace_logs)}")
 
     if resume is not None:
         dist_utils.unwrap(model).load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        note = apply_hyperparameters(optimizer, args)
+        if note:
+            log(note)
         start_epoch = int(resume["epoch"]) + 1
         note = load_schedule(scheduler, optimizer, resume["scheduler"], start_epoch * iters_per_epoch)
         if note:
@@ -373,8 +435,6 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     runlog.close()
     dist_utils.barrier()
 
-    if metrics is None:  # nothing left to train (resumed a finished run): evaluate what we have
-        metrics = evaluate(model, val_loader, args.num_classes, device, amp, names)
     if info.is_main:
         runlog.write(METRICS, metrics)
         log("\n" + format_table(metrics, names))
