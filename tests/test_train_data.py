@@ -218,6 +218,10 @@ def test_split_files_of_any_name_blank_lines_and_bom(voc):
         (seg / f"{name}.txt").rename(seg / f"my{name}.txt")
     ds = open_split(loc, "myval", eval_transforms(32), 21)
     assert len(ds) == 4 and ds[3][1].shape == (32, 32)
+    # Only the requested split file is read: an unrelated, unreadable train.txt does not matter.
+    (seg / "train.txt").write_bytes("\n".join(train).encode("utf-16"))
+    ds = open_split(loc, "myval", eval_transforms(32), 21)
+    assert len(ds) == 4 and ds[0][1].shape == (32, 32)
 
 
 def _mixed_sizes(voc, sizes):
@@ -237,7 +241,8 @@ def test_evaluation_does_not_depend_on_batch_size_or_processes(tmp_path):
     from segclip.train.models import build_model
 
     voc = tiny_voc(tmp_path / "cache", num_train=2, num_val=6)
-    _mixed_sizes(voc, [(32, 32), (48, 32), (32, 32), (40, 32), (48, 32), (32, 48)])
+    # Sizes after the resize to a shorter side of 32: 32x32, 48x32, 32x32, 40x32, 48x32, 32x48.
+    _mixed_sizes(voc, [(32, 32), (96, 64), (64, 64), (40, 32), (48, 32), (32, 48)])
     ds = open_split(locate_voc(voc), "val", eval_transforms(32), 21)
     torch.manual_seed(0)
     model = build_model("lraspp_mobilenet_v3_large", 21).eval()
@@ -254,7 +259,22 @@ def test_evaluation_does_not_depend_on_batch_size_or_processes(tmp_path):
               for r in (0, 1)]
     assert (np.array(shards[0]) + np.array(shards[1])).tolist() == one
     batches = list(eval_loader(ds, 3, 0).batch_sampler)
-    assert batches == [[0, 2], [1, 4], [3], [5]]  # one size per batch
+    assert batches == [[0, 2], [1, 4], [3], [5]]  # one size (after the resize) per batch
+
+
+def test_every_rank_checks_the_whole_validation_split(voc):
+    d = voc / "VOCdevkit" / "VOC2012"
+    name = (d / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]  # rank 0's shard
+    mask_path = d / "SegmentationClass" / f"{name}.png"
+    with Image.open(mask_path) as m:
+        arr, palette = np.array(m), m.getpalette()
+    arr[0, 0] = 30
+    bad = Image.fromarray(arr, "P")
+    bad.putpalette(palette)
+    bad.save(mask_path)
+    ds = open_split(locate_voc(voc), "val", eval_transforms(32), 21)
+    with pytest.raises(DataError, match=f"mask {mask_path} holds class values \\[30\\]"):
+        eval_loader(ds, 2, 0, rank=1, world=2)  # under DDP rank 1 stops too, with the same message
 
 
 def test_bad_validation_mask_stops_training_before_the_first_step(voc, tmp_path):

@@ -27,13 +27,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.datasets import VOCSegmentation
 from torchvision.datasets.voc import DATASET_YEAR_DICT
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from .errors import DataError
 from .palette import VOID
 
 __all__ = ["DataError", "VOCLocation", "locate_voc", "check_split", "open_split", "SegmentationSet",
-           "train_loader", "eval_loader", "pad_collate", "ShardSampler", "SameSizeBatches", "sample_seed"]
+           "train_loader", "eval_loader", "pad_collate", "ShardSampler", "SameSizeBatches", "sample_seed",
+           "transformed_size"]
 
 _YEAR_DIR = re.compile(r"^VOC(20(0[7-9]|1[0-2]))$")
 EXPECTED_LAYOUT = (
@@ -270,32 +272,23 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-# The split names VOCSegmentation's constructor accepts (and "test" for VOC2007).
-_TORCHVISION_SPLITS = ("train", "val", "trainval")
-
-
 def _open_voc(loc: VOCLocation, split: str, names: list[str]) -> VOCSegmentation:
     """``VOCSegmentation`` for the images ``names`` of any split file.
 
-    torchvision's constructor only accepts the image sets train/trainval/val (and test for 2007)
-    and keeps the lines of the split file as they are (a blank line becomes the image ".jpg"). So
-    it is constructed with an image set it accepts, and its ``images``/``targets`` lists are then
-    set from ``names`` (the cleaned lines of ``split``'s file, see :func:`check_split`). Reading a
-    sample stays ``VOCSegmentation.__getitem__``. When the folder has none of the standard split
-    files, the constructor reads an empty ``train.txt`` in a temporary stand-in folder instead.
+    torchvision's constructor only accepts the image sets train/trainval/val (and test for 2007),
+    reads that split's file, and keeps its lines as they are (a blank line becomes the image
+    ".jpg"). So it is always constructed from an empty ``train.txt`` in a temporary stand-in
+    folder, and its ``images``/``targets`` lists are then set from ``names`` (the cleaned lines of
+    ``split``'s file, see :func:`check_split`): no split file but ``split``'s own is ever read (an
+    unrelated, unreadable ``train.txt`` does not matter). Reading a sample stays
+    ``VOCSegmentation.__getitem__``.
     """
-    seg_dir = loc.voc_dir / "ImageSets" / "Segmentation"
-    accepted = _TORCHVISION_SPLITS + (("test",) if loc.year == "2007" else ())
-    usable = [s for s in ((split,) if split in accepted else ()) + _TORCHVISION_SPLITS
-              if (seg_dir / f"{s}.txt").is_file()]
-    if usable:
-        voc = VOCSegmentation(str(loc.root), year=loc.year, image_set=usable[0], download=False)
-    else:
-        with tempfile.TemporaryDirectory(prefix="segclip-voc-") as stand_in:
-            stub = Path(stand_in) / DATASET_YEAR_DICT[loc.year]["base_dir"] / "ImageSets" / "Segmentation"
-            stub.mkdir(parents=True)
-            (stub / "train.txt").write_text("")
-            voc = VOCSegmentation(stand_in, year=loc.year, image_set="train", download=False)
+    with tempfile.TemporaryDirectory(prefix="segclip-voc-") as stand_in:
+        stub = Path(stand_in) / DATASET_YEAR_DICT[loc.year]["base_dir"] / "ImageSets" / "Segmentation"
+        stub.mkdir(parents=True)
+        (stub / "train.txt").write_text("")
+        voc = VOCSegmentation(stand_in, year=loc.year, image_set="train", download=False)
+    voc.root = str(loc.root)
     voc.image_set = split
     voc.images = [str(loc.voc_dir / "JPEGImages" / f"{n}.jpg") for n in names]
     voc.targets = [str(loc.voc_dir / "SegmentationClass" / f"{n}.png") for n in names]
@@ -330,11 +323,25 @@ def train_loader(dataset: SegmentationSet, batch_size: int, workers: int, seed: 
                       persistent_workers=False)
 
 
+def transformed_size(transforms, size: tuple[int, int]) -> tuple[int, int]:
+    """``(width, height)`` of an image of ``size`` after ``transforms`` (a ``v2.Compose`` or one
+    transform): its ``v2.Resize`` steps, which depend on the size alone, are applied to an empty
+    bounding box of that canvas; the other evaluation steps (dtype, normalisation) keep the size."""
+    box = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(size[1], size[0]))
+    for step in getattr(transforms, "transforms", [transforms]):
+        if isinstance(step, v2.Resize):
+            box = step(box)
+    height, width = box.canvas_size
+    return int(width), int(height)
+
+
 class SameSizeBatches(Sampler[list[int]]):
     """Batches of up to ``batch_size`` indices whose images have the same size (the order of the
     indices within each size, sizes in order of first appearance). Every image then gets the same
     prediction whatever the batch size or number of processes: nothing is padded, and the models'
-    global pooling (LRASPP, the ASPP of DeepLabV3) sees only the image."""
+    global pooling (LRASPP, the ASPP of DeepLabV3) sees only the image. ``sizes`` should be the
+    sizes the model sees (after the evaluation resize, see :func:`transformed_size`), so images of
+    different raw sizes that resize alike share batches."""
 
     def __init__(self, indices: list[int], sizes: dict[int, tuple[int, int]], batch_size: int):
         groups: dict[tuple[int, int], list[int]] = {}
@@ -351,10 +358,18 @@ class SameSizeBatches(Sampler[list[int]]):
 
 def eval_loader(dataset: SegmentationSet, batch_size: int, workers: int, rank: int = 0, world: int = 1,
                 pin_memory: bool = False) -> DataLoader:
-    """This rank's shard (:class:`ShardSampler`) in batches of same-size images
-    (:class:`SameSizeBatches`). Checks the shard's masks first (:meth:`SegmentationSet.scan`), so a
-    bad evaluation mask is reported before training, naming the file."""
+    """This rank's shard (:class:`ShardSampler`) in batches of images of the same size after the
+    evaluation transform (:class:`SameSizeBatches`). Checks the masks of the whole split first
+    (:meth:`SegmentationSet.scan`, on every rank: a bad mask in another rank's shard stops every
+    rank with the same message, instead of one rank failing and the others losing their peer), so
+    a bad evaluation mask is reported before training, naming the file."""
     indices = ShardSampler(len(dataset), rank, world).indices
-    batches = SameSizeBatches(indices, dataset.scan(indices), batch_size)
+    raw = dataset.scan()
+    memo: dict[tuple[int, int], tuple[int, int]] = {}
+    for size in raw.values():
+        if size not in memo:
+            memo[size] = transformed_size(dataset.transforms, size)
+    sizes = {i: memo[raw[i]] for i in indices}
+    batches = SameSizeBatches(indices, sizes, batch_size)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=pad_collate,
                       pin_memory=pin_memory)
