@@ -85,10 +85,16 @@ def test_an_output_that_would_replace_an_input_is_refused_before_writing(checkpo
     _save(folder / "gray.jpg", 20, 20)
     _save(folder / "gray.png", 20, 20, seed=1)  # gray.jpg's mask would be written over it
     before = {p: p.read_bytes() for p in folder.iterdir()}
-    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(folder), "--out", str(folder),
-                 "--device", "cpu"]) == 2
+    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(folder / "gray.jpg"),
+                 str(folder / "gray.png"), "--out", str(folder), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"would replace the input image {folder / 'gray.png'}" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+    # --out an input folder: refused up front (a second run would read the first run's masks).
+    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(folder), "--out",
+                 str(tmp_path / "." / "photos"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'photos'} is the input folder {folder}" in err and len(err.strip().splitlines()) == 1
     assert {p: p.read_bytes() for p in folder.iterdir()} == before
 
 

@@ -7,7 +7,8 @@ For each input image ``NAME.ext`` it writes into the output folder:
     NAME_overlay.png  the image with the mask's colours blended over it (void and background left clear)
 
 Folders are searched recursively and their tree is mirrored in the output folder (``photos/a/x.jpg``
--> ``OUT/a/x.png``); the output folder itself is skipped when it lies inside an input folder. When
+-> ``OUT/a/x.png``); the output folder itself is skipped when it lies inside an input folder, and refused when it is an input
+folder. When
 two inputs would get the same output name (``A.JPG`` and ``A.png``, or ``x.jpg`` from two folders
 given separately), the later one (in sorted order) gets its extension in the name (``A_png.png``),
 then a number (``x_jpg-2.png``). An output that would replace one of the input images is refused
@@ -56,13 +57,18 @@ def collect_images(inputs: list[str], exclude: str | Path | None = None,
     """``(image, output name without extension)`` for the files given directly and the images (by
     extension) found recursively in the folders given. The output name mirrors the file's place
     below the folder given (``photos/a/x.jpg`` -> ``a/x``); a file given directly gets its stem.
-    ``exclude``: a folder never searched (the output folder). The same file given twice counts once.
+    ``exclude``: a folder never searched (the output folder); given as an input folder itself, it is
+    refused (:class:`DataError`). The same file given twice counts once.
     """
     exclude_dir = Path(exclude).expanduser().resolve() if exclude is not None else None
     items: list[tuple[Path, PurePath]] = []
     seen: set[Path] = set()
     for item in inputs:
         p = Path(item).expanduser()
+        if p.is_dir() and exclude_dir is not None and p.resolve() == exclude_dir:
+            raise DataError(f"--out {exclude_dir} is the input folder {p}: the masks would be written "
+                            f"among the images, and a second run would take them as input images; "
+                            f"choose an --out outside it (or a subfolder, which is skipped)")
         if p.is_dir():
             skipped: list[Path] = []
             found = _walk(p, exclude_dir, skipped)
