@@ -43,7 +43,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert metrics["pixels"] == labelled
     # ... and equals what one process finds evaluating the saved model.
     single = segclip(["eval", "--checkpoint", str(out / "last.pt"), "--data", str(voc), "--eval-size", "32",
-                      "--out", str(tmp_path / "single.json")], cache)
+                      "--out", "~/single.json"], cache, HOME=str(tmp_path))  # ~ expanded
     assert single.returncode == 0, single.stderr
     alone = json.loads((tmp_path / "single.json").read_text())
     assert alone["confusion_matrix"] == metrics["confusion_matrix"]

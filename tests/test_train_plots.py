@@ -62,8 +62,12 @@ def test_plot_of_a_folder_without_logs_is_a_clear_error(tmp_path, capsys):
     assert "steps.jsonl is missing or empty" in capsys.readouterr().err
 
 
-def test_plot_to_another_folder(run_dir, tmp_path):
-    assert main(["plot", str(run_dir), "--out", str(tmp_path / "charts"), "--percentile", "99"]) == 0
+def test_plot_to_another_folder(run_dir, tmp_path, monkeypatch):
+    from segclip.train.runlog import default_run_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ is expanded in RUN_DIR and --out (and --runs-root)
+    assert main(["plot", "~/run", "--out", "~/charts", "--percentile", "99"]) == 0
+    assert default_run_dir("m", "~/runs").parent == tmp_path / "runs"
     assert sorted(p.name for p in (tmp_path / "charts").iterdir()) == sorted(CHARTS)
 
 

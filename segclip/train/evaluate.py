@@ -87,7 +87,8 @@ def run(args) -> int:
             print(f"{ck.get('model_name')} from {args.checkpoint} on {len(dataset)} {args.split} images "
                   f"of {loc.voc_dir} (size {size}):")
             print(format_table(metrics, names))
-            out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{args.split}.json"
+            out = (Path(args.out).expanduser() if args.out
+                   else Path(args.checkpoint).expanduser().parent / f"eval-{args.split}.json")
             out.parent.mkdir(parents=True, exist_ok=True)
             metrics.update(checkpoint=str(args.checkpoint), split=args.split, dataset=str(loc.voc_dir),
                            eval_size=size)

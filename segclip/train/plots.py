@@ -89,7 +89,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     steps = read_jsonl(run_dir / STEPS)
     epochs = read_jsonl(run_dir / EPOCHS)
     if not steps:
@@ -99,7 +99,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     max_norm = args.get("max_norm")
     clip_mode = args.get("clip", "fused")
     warmup = int(config.get("warmup_iters", 0) or 0)
-    out = Path(out) if out else run_dir / "plots"
+    out = Path(out).expanduser() if out else run_dir / "plots"
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ METRICS = "metrics.json"
 
 def default_run_dir(model: str, root: str | Path = "runs") -> Path:
     """``runs/<model>-<YYYYmmdd-HHMMSS>`` (with a suffix if that exists already)."""
-    base = Path(root) / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path(root).expanduser() / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, n = base, 1
     while path.exists():
         n += 1
