@@ -262,9 +262,10 @@ def test_evaluation_does_not_depend_on_batch_size_or_processes(tmp_path):
     assert batches == [[0, 2], [1, 4], [3], [5]]  # one size (after the resize) per batch
 
 
-def test_every_rank_checks_the_whole_validation_split(voc):
+def _plant_bad_val_mask(voc, position: int) -> Path:
+    """Writes class value 30 (beyond 21 classes) into the mask of the val split's image at ``position``."""
     d = voc / "VOCdevkit" / "VOC2012"
-    name = (d / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]  # rank 0's shard
+    name = (d / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[position]
     mask_path = d / "SegmentationClass" / f"{name}.png"
     with Image.open(mask_path) as m:
         arr, palette = np.array(m), m.getpalette()
@@ -272,21 +273,18 @@ def test_every_rank_checks_the_whole_validation_split(voc):
     bad = Image.fromarray(arr, "P")
     bad.putpalette(palette)
     bad.save(mask_path)
+    return mask_path
+
+
+def test_every_rank_checks_the_whole_validation_split(voc):
+    mask_path = _plant_bad_val_mask(voc, 0)  # in rank 0's shard
     ds = open_split(locate_voc(voc), "val", eval_transforms(32), 21)
     with pytest.raises(DataError, match=f"mask {mask_path} holds class values \\[30\\]"):
         eval_loader(ds, 2, 0, rank=1, world=2)  # under DDP rank 1 stops too, with the same message
 
 
 def test_bad_validation_mask_stops_training_before_the_first_step(voc, tmp_path):
-    d = voc / "VOCdevkit" / "VOC2012"
-    name = (d / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[2]
-    mask_path = d / "SegmentationClass" / f"{name}.png"
-    with Image.open(mask_path) as m:
-        arr, palette = np.array(m), m.getpalette()
-    arr[0, 0] = 30
-    bad = Image.fromarray(arr, "P")
-    bad.putpalette(palette)
-    bad.save(mask_path)
+    mask_path = _plant_bad_val_mask(voc, 2)
     run = tmp_path / "run"
     r = segclip(["train", "--data", str(voc), *TINY, "--epochs", "1", "--batch-size", "2", "--out", str(run)],
                 tmp_path / "cache")
