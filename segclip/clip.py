@@ -50,7 +50,7 @@ def _parse_max_norm(max_norm) -> float:
         if max_norm.numel() != 1:
             raise ValueError(f"max_norm must be a number or a one-element tensor, got shape {tuple(max_norm.shape)}")
         value = float(max_norm)  # a CUDA tensor costs one synchronisation here; pass a float to avoid it
-    elif isinstance(max_norm, numbers.Real) and not isinstance(max_norm, bool):
+    elif isinstance(max_norm, numbers.Real) and not isinstance(max_norm, bool):  # what torch.compile traces
         value = float(max_norm)
     elif _is_one_real(max_norm):
         value = float(max_norm)

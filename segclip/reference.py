@@ -138,16 +138,15 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     if coef.device.type == "cpu" and bool(coef >= 1):
         torch.autograd.graph.increment_version(tensors)
         return
-    coefs = {coef.device: coef}
     for device, group in flat.items():
-        c = coefs.setdefault(device, coef.to(device))
+        c = coef.to(device)  # no copy on coef's own device
         if _share_memory(group):
             for t in group:
                 t.mul_(c)
         else:
             torch._foreach_mul_(group, c)
     for t in other:
-        c = coefs.setdefault(t.device, coef.to(t.device))
+        c = coef.to(t.device)
         if t.layout != torch.strided:
             t.mul_(c)
         else:  # each element once, rounded once
