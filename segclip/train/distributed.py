@@ -82,26 +82,31 @@ def setup(device_arg: str) -> tuple[DistInfo, torch.device]:
     return DistInfo(rank, local_rank, world), device
 
 
+def is_distributed() -> bool:
+    """True inside an initialised process group (torchrun), False for one process."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sums ``t`` over ranks in place (no-op for one process) and returns it."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def gather_objects(obj) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` for one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -109,7 +114,7 @@ def gather_objects(obj) -> list:
 
 
 def broadcast_object(obj, src: int = 0):
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)

@@ -32,11 +32,12 @@ import torch.distributed as dist
 
 import segclip
 
+from . import distributed as dist_utils
 from .models import segmentation_loss
 from .palette import VOID
+from .runlog import PHASES
 
 CLIP_MODES = ("fused", "torch", "none")
-PHASES = ("data", "forward", "backward", "clip", "step")
 
 
 class NonFiniteStop(RuntimeError):
@@ -127,7 +128,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     model.train()
     device = cfg.device
     params = [p for p in model.parameters() if p.requires_grad]
-    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if dist_utils.is_distributed() else 1
     sync = (lambda: torch.cuda.synchronize(device)) if (device.type == "cuda" and cfg.sync_timing) \
         else (lambda: None)
     summary = EpochSummary(epoch)
@@ -161,10 +162,9 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         # The count of foreground pixels rides along (binary 0/255 masks have none: all void).
         foreground = ((masks > 0) & (masks != VOID)).sum().float().to(loss.device)
         pair = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device), foreground])
-        if distributed:
-            dist.all_reduce(pair, op=dist.ReduceOp.SUM)
-            pair[0] /= dist.get_world_size()
-            pair[1] /= dist.get_world_size()
+        if world > 1:
+            dist_utils.all_reduce_sum(pair)
+            pair[:2] /= world
         loss_value, norm_value, foreground_value = pair.tolist()
         summary.foreground_pixels += int(foreground_value)
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
@@ -184,7 +184,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         state.step += 1
         clipped = finite and cfg.clip != "none" and norm_value > cfg.max_norm
         summary.steps += 1
-        summary.images += images.shape[0] * (dist.get_world_size() if distributed else 1)
+        summary.images += images.shape[0] * world
         if finite:
             summary.loss_sum += loss_value
             summary.norms.append(norm_value)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .distributed import unwrap
+from .distributed import is_distributed, unwrap
 from .metrics import ConfusionMatrix, compute_metrics
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
     """Gives every rank rank 0's buffers (BatchNorm running statistics), so all ranks evaluate the
     model that rank 0 saves."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         for b in unwrap(model).buffers():
             dist.broadcast(b, src=0)
 
@@ -72,7 +72,6 @@ def run(args) -> int:
         args.num_classes = num_classes
         args.crop_size = None
         args.eval_size = args.eval_size or ck.get("eval_size")
-        args.seed = saved.get("seed", 0)
         for key, default in (("synthetic_train", 240), ("synthetic_val", 60), ("synthetic_size", 96),
                              ("synthetic_seed", 0)):
             if getattr(args, key) is None:

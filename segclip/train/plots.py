@@ -22,9 +22,7 @@ import json
 import math
 from pathlib import Path
 
-from .runlog import CONFIG, EPOCHS, STEPS, read_jsonl
-
-PHASES = ("data", "forward", "backward", "clip", "step")
+from .runlog import CONFIG, EPOCHS, PHASES, STEPS, read_jsonl
 
 
 def suggest_max_norm(norms: list[float], percentile: float = 95.0, skip: int = 0) -> tuple[float, float, str]:

@@ -20,6 +20,8 @@ STEPS = "steps.jsonl"
 EPOCHS = "epochs.jsonl"
 CONFIG = "config.json"
 METRICS = "metrics.json"
+# The timed phases of a step: steps.jsonl's t_<phase> fields (written by engine, drawn by plots).
+PHASES = ("data", "forward", "backward", "clip", "step")
 
 
 def default_run_dir(model: str, root: str | Path = "runs") -> Path:

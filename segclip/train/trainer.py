@@ -200,12 +200,6 @@ def make_checkpoint(model, optimizer, scheduler, scaler, epoch: int, state: Trai
     }
 
 
-def _optimizer_kind(state: dict) -> str | None:
-    """``sgd`` or ``adamw`` from an optimizer state dict's param_groups (older checkpoints)."""
-    groups = state.get("param_groups") or [{}]
-    return "sgd" if "momentum" in groups[0] else "adamw" if "betas" in groups[0] else None
-
-
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, args) -> str | None:
     """After loading a checkpoint's optimizer state: sets this run's ``--weight-decay`` (on the
     decayed group; biases and norm weights keep 0) and, for SGD, ``--momentum``, which the loaded
@@ -259,7 +253,7 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
             log(f"nothing left to train ({done} epoch{'s' if done != 1 else ''} done, --epochs "
                 f"{args.epochs}); the run folder is left as it is. Give a larger --epochs to train on.")
             return 0
-        saved_opt = resume.get("args", {}).get("optimizer") or _optimizer_kind(resume["optimizer"])
+        saved_opt = resume.get("args", {}).get("optimizer")
         if saved_opt and saved_opt != args.optimizer:
             raise ValueError(f"--optimizer {args.optimizer}: {args.resume} was trained with {saved_opt}, "
                              f"whose state cannot continue as {args.optimizer}; resume with --optimizer "
