@@ -82,16 +82,6 @@ def check_out(out: Path) -> str | None:
     return None
 
 
-def model_shapes(name: str) -> tuple[list[tuple[int, ...]], str]:
-    """The model's parameter shapes, from torchvision on the meta device (nothing allocated).
-    The GPU machine's image ships torchvision, so no copy of the shapes is kept here."""
-    from torchvision.models import segmentation
-
-    with torch.device("meta"):
-        model = getattr(segmentation, name)(num_classes=21, weights=None, weights_backbone=None)
-    return [tuple(p.shape) for p in model.parameters()], "torchvision"
-
-
 def spread_shapes(total_elems: int, n: int, seed: int = 0) -> list[tuple[int, ...]]:
     """n 1-d tensors of uneven sizes adding up to total_elems."""
     gen = torch.Generator().manual_seed(seed)
@@ -239,14 +229,16 @@ def main(argv=None) -> int:
               "models": {}, "bandwidth": {}}
 
     # --- model-shaped gradients
+    from segclip.bench import model_grad_shapes
+
     for model in MODELS:
-        shapes, source = model_shapes(model)
+        shapes = model_grad_shapes(model)  # torchvision on the meta device (the GPU image ships it)
         if args.dry_run:
             shapes = shapes[:40]
         saved = [torch.randn(s, device=device) for s in shapes]
         grads = [s.clone() for s in saved]
         impls = Impls(grads, device)
-        entry = {"tensors": len(shapes), "elements": sum(math.prod(s) for s in shapes), "shapes_from": source}
+        entry = {"tensors": len(shapes), "elements": sum(math.prod(s) for s in shapes), "shapes_from": "torchvision"}
         for scenario in ("clip", "noclip"):
             entry[scenario] = bench_grads(impls, saved, scenario, args.iters, args.rounds, device)
             r = entry[scenario]

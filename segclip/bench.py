@@ -99,6 +99,7 @@ IMPL_LABELS = {
     "segclip_torch": "segclip torch",
     "segclip_cpu": "segclip cpu",
     "segclip_cuda": "segclip cuda",
+    "segclip_ops": "segclip ops",  # gpu_bench.py's direct op calls
     "bound": "bound",
 }
 BASELINE = "torch_foreach"

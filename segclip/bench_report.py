@@ -134,7 +134,7 @@ def _norm_impl(v, device: str) -> str | None:
         "torch_loop": "torch_loop", "loop": "torch_loop", "torch_foreach_false": "torch_loop",
         "torch_no_foreach": "torch_loop",
         "segclip_torch": "segclip_torch", "reference": "segclip_torch",
-        "segclip_cpu": "segclip_cpu", "segclip_cuda": "segclip_cuda", "segclip_ops": "segclip_ops",
+        "segclip_cpu": "segclip_cpu", "segclip_cuda": "segclip_cuda",
         "ops": "segclip_ops", "api": f"segclip_{device}",
         "fused": f"segclip_{device}", "segclip": f"segclip_{device}", "cuda": "segclip_cuda",
         "cpu": "segclip_cpu", "bound": "bound", "flat_bound": "bound", "bandwidth_bound": "bound",
@@ -298,7 +298,7 @@ def fmt_pct(x: float | None) -> str:
 def impl_label(key: str, device: str) -> str:
     if key == "bound":
         return "flat bound" if device == "cpu" else "bandwidth bound"
-    return {**IMPL_LABELS, "segclip_ops": "segclip ops"}.get(key, key)
+    return IMPL_LABELS.get(key, key)
 
 
 def _impls_for(records: list[dict], device: str) -> list[str]:
@@ -763,11 +763,10 @@ def results_page(cpu: dict | None, cpu_path: str | None, gpu: dict | None = None
         rows = [[case] + [NOT_MEASURED] * len(gpu_impls) for case in ALL_CASES]
         parts.append(f"### cuda, {'/'.join(DTYPES)}, clipping active and nothing to clip\n")
         parts.append(_md_table(header, rows) + "\n")
-        gpu_impls = []
-    extra_cases = [c for c in dict.fromkeys(r["case"] for r in gpu_records) if c not in ALL_CASES]
-    extra_impls = sorted({r["impl"] for r in gpu_records} - set(gpu_impls))
-    gpu_dtypes = list(DTYPES) + sorted({r["dtype"] for r in gpu_records} - set(DTYPES))
-    if gpu_records:
+    else:
+        extra_cases = [c for c in dict.fromkeys(r["case"] for r in gpu_records) if c not in ALL_CASES]
+        extra_impls = sorted({r["impl"] for r in gpu_records} - set(gpu_impls))
+        gpu_dtypes = list(DTYPES) + sorted({r["dtype"] for r in gpu_records} - set(DTYPES))
         parts.append(markdown_tables(gpu_records, "cuda", cases=list(ALL_CASES) + extra_cases, dtypes=gpu_dtypes,
                                      modes=list(MODES), impls=gpu_impls[:-1] + extra_impls + gpu_impls[-1:],
                                      titles=SHORT_MODE_TITLES if is_gpu_bench(gpu_meta) else None))

@@ -56,7 +56,7 @@ def _grads_on(device: str, saved: list) -> tuple[list, list]:
     return params, grads
 
 
-def implementations(backends: dict, params: list, max_norm: float) -> list[tuple[str, str, object]]:
+def implementations(backends: dict, max_norm: float) -> list[tuple[str, str, object]]:
     """(label, device, fn(params)) for torch and every available segclip backend; the cuda backend
     (and torch on CUDA, for comparison) run on a copy of the gradients on the GPU."""
     import segclip
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     sets = {"cpu": (params, [p.grad for p in params])}
     print(f"{'implementation':<40} {'total norm':>12} {'ms/call':>9}")
-    for name, device, fn in implementations(backends, params, args.max_norm):
+    for name, device, fn in implementations(backends, args.max_norm):
         if device not in sets:
             sets[device] = _grads_on(device, saved)
         ps, grads = sets[device]
