@@ -47,12 +47,17 @@ def _clean(obj):
     return obj
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Writes JSON atomically (temporary file, then rename)."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically: a temporary file beside it, then a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Writes JSON atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(_clean(obj), indent=2) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -88,9 +93,7 @@ class RunLog:
             path = self.dir / name
             if path.exists():
                 kept = [r for r in read_jsonl(path) if r.get("epoch", -1) <= last_epoch]
-                tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-                tmp.write_text("".join(json.dumps(_clean(r)) + "\n" for r in kept))
-                os.replace(tmp, path)
+                write_text_atomic(path, "".join(json.dumps(_clean(r)) + "\n" for r in kept))
 
     def step(self, record: dict) -> None:
         if not self.enabled:
