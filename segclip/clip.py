@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from . import _ext, _ops, reference  # noqa: F401  (_ops registers the fake kernels)
+from . import _ext, _ops, norm_math, reference  # noqa: F401  (_ops registers the fake kernels)
 
 BACKENDS = ("auto", "torch", "cpu", "cuda")
 # Norm types the kernels compute; any other goes through segclip.reference on every backend.
@@ -136,8 +136,8 @@ def _norm_and_coef(groups: list[_Group], norm_type: float, max_norm: float | Non
             pieces.extend(reference.tensor_norms(other, norm_type))
         else:
             pieces.extend(reference.tensor_norms(kernel + other, norm_type))
-    total = reference.combine_norms(pieces, norm_type, first_device, dtype)
-    coef = reference.clip_coefficient(total, max_norm) if max_norm is not None else None
+    total = norm_math.combine_norms(pieces, norm_type, first_device, dtype)
+    coef = norm_math.clip_coefficient(total, max_norm) if max_norm is not None else None
     return total, coef
 
 
@@ -162,7 +162,7 @@ def _general_norm(grads: list[Tensor], norm_type: float, max_norm: float | None,
                   backend: str) -> tuple[list[_Group], Tensor, Tensor | None]:
     """Plans the groups, then takes the total norm (and coefficient) over all of them."""
     groups = _plan(grads, backend)
-    dtype = reference.accumulate_dtype(g.dtype for g in grads)
+    dtype = norm_math.accumulate_dtype(g.dtype for g in grads)
     total, coef = _norm_and_coef(groups, norm_type, max_norm, grads[0].device, dtype)
     if error_if_nonfinite:
         _check_finite(total, norm_type)
@@ -305,9 +305,9 @@ def clip_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_norm: T
         return
     if not isinstance(total_norm, Tensor):  # a number: in the gradients' accumulation dtype
         total_norm = torch.tensor(float(total_norm), device=grads[0].device,
-                                  dtype=reference.accumulate_dtype(g.dtype for g in grads))
+                                  dtype=norm_math.accumulate_dtype(g.dtype for g in grads))
     if total_norm.numel() != 1:
         raise ValueError(f"total_norm must hold one value, got shape {tuple(total_norm.shape)}")
     with torch.no_grad():
-        coef = reference.clip_coefficient(total_norm.reshape(()), max_norm)
+        coef = norm_math.clip_coefficient(total_norm.reshape(()), max_norm)
         _scale(_plan(grads, backend), coef)

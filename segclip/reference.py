@@ -21,13 +21,11 @@ import math
 import torch
 from torch import Tensor
 
-_WIDE = (torch.float64, torch.complex128)
+from .norm_math import accumulate_dtype, combine_norms
+
 _CPU_SLICE = 1 << 16  # elements; see note: [CPU fp32 reduction error]
 
 
-def accumulate_dtype(dtypes) -> torch.dtype:
-    """float64 when any dtype is float64 or complex128, else float32."""
-    return torch.float64 if any(d in _WIDE for d in dtypes) else torch.float32
 
 
 def tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
@@ -78,14 +76,6 @@ def _norm_one(t: Tensor, norm_type: float) -> Tensor:
     return torch.linalg.vector_norm(t, norm_type, dtype=acc)
 
 
-def combine_norms(norms: list[Tensor], norm_type: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The norm of a list of partial norms, on ``device`` in ``dtype``; ``tensor(0.)`` for none."""
-    if not norms:
-        return torch.zeros((), device=device, dtype=dtype)
-    if len(norms) == 1 and norm_type != 0:  # the norm of one norm is itself, except for p = 0
-        return norms[0].to(device=device, dtype=dtype)
-    stacked = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
-    return torch.linalg.vector_norm(stacked, norm_type).to(dtype)
 
 
 def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
@@ -96,9 +86,6 @@ def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
     return combine_norms(tensor_norms(tensors, norm_type), norm_type, tensors[0].device, dtype)
 
 
-def clip_coefficient(total: Tensor, max_norm: float) -> Tensor:
-    """``min(1, max_norm / (total + 1e-6))`` on ``total``'s device; NaN stays NaN (torch.clamp)."""
-    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
