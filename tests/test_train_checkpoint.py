@@ -201,7 +201,7 @@ def test_run_folder_reuse_resume_elsewhere_finished_runs_and_changed_optimizer(t
     (run / "steps.jsonl").write_text("".join(json.dumps({"step": s, "epoch": 0}) + "\n" for s in (1, 2, 3)))
     threads = torch.get_num_threads()
     try:
-        assert main(["train", *tiny, "--epochs", "1", "--out", str(run)]) == 0
+        assert main(["train", *tiny, "--epochs", "1", "--max-norm", "8", "--out", str(run)]) == 0
         out = capsys.readouterr().out
         assert "nothing to resume); starting afresh there, replacing its steps.jsonl" in out
         assert [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
@@ -221,12 +221,15 @@ def test_run_folder_reuse_resume_elsewhere_finished_runs_and_changed_optimizer(t
         assert main(["train", "--resume", str(run / "last.pt"), "--epochs", "2", "--optimizer", "adamw"]) == 2
         err = capsys.readouterr().err
         assert "was trained with sgd" in err and len(err.strip().splitlines()) == 1
-        # New --weight-decay and --momentum apply to the resumed optimizer.
+        # New --weight-decay and --momentum apply to the resumed optimizer; a typed --max-norm wins
+        # over the checkpoint's 8 although it equals the default.
         assert main(["train", "--resume", str(run / "last.pt"), "--epochs", "2", "--out", str(run),
-                     "--weight-decay", "5e-4", "--momentum", "0.8"]) == 0
+                     "--weight-decay", "5e-4", "--momentum", "0.8", "--max-norm", "2.0"]) == 0
     finally:
         torch.set_num_threads(threads)
     assert "optimizer follows this run's arguments (weight decay 0.0001 -> 0.0005, momentum 0.9 -> 0.8)" \
         in capsys.readouterr().out
     groups = torch.load(run / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [(g["weight_decay"], g["momentum"]) for g in groups] == [(5e-4, 0.8), (0.0, 0.8)]
+    assert torch.load(run / "last.pt", weights_only=True)["args"]["max_norm"] == 2.0
+    assert json.loads((run / "config.json").read_text())["args"]["max_norm"] == 2.0

@@ -168,3 +168,74 @@ def test_demo_runs_every_available_backend_cuda_included(monkeypatch, capsys):
     norms = {float(ln.split()[-6]) for ln in rows.values()}
     assert max(norms) - min(norms) < 1e-3 * max(norms)  # every implementation saw the same gradients
     assert all("norm after clipping 1.000000" in ln for ln in rows.values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--crop-size", "-5"], "--crop-size must be at least 16, got -5"),
+    (["train", "--crop-size", "0"], "--crop-size must be at least 16, got 0"),
+    (["train", "--eval-size", "0"], "--eval-size must be at least 16, got 0"),
+    (["train", "--lr", "-1"], "--lr must be a positive finite number, got -1.0"),
+    (["train", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    (["train", "--max-norm", "-1"], "--max-norm must be a number >= 0, got -1.0"),
+    (["train", "--max-norm", "nan"], "--max-norm must be a number >= 0, got nan"),
+    (["train", "--momentum", "1"], "--momentum must be between 0 and 1 (excluded), got 1.0"),
+    (["train", "--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0, got -0.1"),
+    (["train", "--warmup-iters", "-1"], "--warmup-iters must be at least 0, got -1"),
+    (["train", "--eval-batch-size", "0"], "--eval-batch-size must be at least 1, got 0"),
+    (["train", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["train", "--workers", "-1"], "--workers must be at least 0, got -1"),
+    (["train", "--num-classes", "1"], "--num-classes must be between 2 and 255, got 1"),
+    (["train", "--bn-momentum", "1.5"], "--bn-momentum must be between 0 and 1, got 1.5"),
+    (["train", "--synthetic-size", "8"], "--synthetic-size must be at least 16, got 8"),
+    (["train", "--scale-min", "0"], "--scale-min must be a positive finite number, got 0.0"),
+    (["eval", "--checkpoint", "x.pt", "--eval-size", "-3"], "--eval-size must be at least 16, got -3"),
+    (["eval", "--checkpoint", "x.pt", "--eval-size", "0"], "--eval-size must be at least 16, got 0"),
+    (["eval", "--checkpoint", "x.pt", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["predict", "--checkpoint", "x.pt", "--images", "x", "--out", "o", "--size", "-3"],
+     "--size must be 0 or at least 16, got -3"),
+    (["predict", "--checkpoint", "x.pt", "--images", "x", "--out", "o", "--alpha", "2"],
+     "--alpha must be between 0 and 1, got 2.0"),
+    (["predict", "--checkpoint", "x.pt", "--images", "x", "--out", "o", "--alpha", "-1"],
+     "--alpha must be between 0 and 1, got -1.0"),
+    (["predict", "--checkpoint", "x.pt", "--images", "x", "--out", "o", "--void-below", "1.5"],
+     "--void-below must be between 0 and 1, got 1.5"),
+    (["plot", "run", "--percentile", "101"], "--percentile must be between 0 and 100, got 101.0"),
+])
+def test_every_numeric_option_is_checked_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    from segclip.cli import main
+
+    monkeypatch.chdir(tmp_path)  # nothing may be created: the check comes before any work
+    assert main([*argv, *(["--out", "r"] if argv[0] == "train" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err == f"segclip {argv[0]}: error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_checks_accept_what_they_should():
+    from segclip.train import options
+
+    assert options.at_least(1)(1) is None and options.at_least(1)(0) == "at least 1"
+    assert options.positive()(float("inf")) is None and options.positive()(float("nan"))
+    assert options.positive_finite()(float("inf")) and options.non_negative()(0.0) is None
+    assert options.between(0, 1)(1.0) is None and options.between(0, 1, high_open=True)(1.0)
+    assert options.zero_or_at_least(16)(0) is None and options.zero_or_at_least(16)(15)
+    assert options.at_least(0)(True)  # a bool is not a number here
+
+
+def test_typed_options_win_on_resume_even_when_they_equal_the_default():
+    from segclip.train.trainer import resume_args
+
+    saved = {"epochs": 4, "max_norm": 8.0, "deterministic": True, "lr": 0.1, "amp": True,
+             "out": "/elsewhere", "unknown_future_option": 3}
+    args = build_parser().parse_args(["train", "--resume", "x.pt", "--epochs", "10", "--max-norm", "2.0",
+                                      "--no-deterministic"])
+    notes = []
+    resume_args(args, saved, notes.append)
+    assert (args.epochs, args.max_norm, args.deterministic) == (10, 2.0, False)  # typed, = the defaults
+    assert (args.lr, args.amp) == (0.1, True)                                     # not typed: the checkpoint's
+    assert args.out is None and not hasattr(args, "unknown_future_option")         # never resumed / unknown
+    assert notes == ["resume: from the checkpoint's arguments: --lr 0.1, --amp True"]
+    # Without typing anything, everything resumable comes from the checkpoint.
+    args = build_parser().parse_args(["train", "--resume", "x.pt"])
+    resume_args(args, saved, notes.append)
+    assert (args.epochs, args.max_norm, args.deterministic) == (4, 8.0, True)

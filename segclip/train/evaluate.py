@@ -71,7 +71,8 @@ def run(args) -> int:
             args.data = "synthetic"
         args.num_classes = num_classes
         args.crop_size = None
-        args.eval_size = args.eval_size or ck.get("eval_size")
+        if args.eval_size is None:
+            args.eval_size = ck.get("eval_size")
         for key, default in (("synthetic_train", 240), ("synthetic_val", 60), ("synthetic_size", 96),
                              ("synthetic_seed", 0)):
             if getattr(args, key) is None:

@@ -69,19 +69,27 @@ def resolve_data(args, is_main: bool, log) -> tuple:
     else:
         loc = locate_voc(args.data, Path(args.cache_dir) if args.cache_dir else None)
         default_crop, default_eval = 480, 520
-    return loc, args.crop_size or default_crop, args.eval_size or default_eval
+    return (loc, args.crop_size if args.crop_size is not None else default_crop,
+            args.eval_size if args.eval_size is not None else default_eval)
 
 
 def resume_args(args: argparse.Namespace, saved: dict, log) -> None:
-    """Takes the checkpoint's value for every argument left at its default on this command line,
-    so ``segclip train --resume RUN/last.pt`` continues the run as it was started. Arguments given
-    explicitly (with a value other than the default) win."""
-    defaults = getattr(args, "_defaults", {})
+    """Takes the checkpoint's value for every option not typed on this command line, so
+    ``segclip train --resume RUN/last.pt`` continues the run as it was started. What was typed
+    wins, even when it equals the parser's default (``--epochs 10``, ``--no-deterministic``).
+    Options in :data:`NOT_RESUMED`, and those the checkpoint does not know (added since), keep
+    this command line's values."""
+    from .options import typed
+
+    known = getattr(args, "_dests", None)
+    given = typed(args)
     taken = []
     for key, value in saved.items():
-        if key in NOT_RESUMED or key.endswith("_resolved") or key not in defaults:
+        if key in NOT_RESUMED or key in given or key.endswith("_resolved") or not hasattr(args, key):
             continue
-        if getattr(args, key) == defaults[key] and value != defaults[key]:
+        if known is not None and key not in known:
+            continue
+        if getattr(args, key) != value:
             setattr(args, key, value)
             taken.append(f"--{key.replace('_', '-')} {value}")
     if taken:
@@ -115,20 +123,14 @@ def _progress(enabled: bool, total: int, desc: str):
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuses values that would fail later with a less clear error."""
-    for name in ("epochs", "batch_size", "eval_every", "max_nonfinite", "synthetic_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
-    if args.max_norm < 0 or args.max_norm != args.max_norm:
-        raise ValueError(f"--max-norm must be a non-negative number, got {args.max_norm}")
-    if not 0 < args.scale_min <= args.scale_max:
+    """Refuses values that would fail later with a less clear error: each option's own check
+    (declared with the option in segclip.train.cli, see segclip.train.options) and the checks that
+    involve several options."""
+    from .options import check_options
+
+    check_options(args)
+    if not args.scale_min <= args.scale_max:
         raise ValueError(f"need 0 < --scale-min <= --scale-max, got {args.scale_min} and {args.scale_max}")
-    if not args.norm_type > 0:  # also NaN; inf is the max norm
-        raise ValueError(f"--norm-type must be a positive number or inf (the p of the p-norm), got "
-                         f"{args.norm_type}")
     if args.model.startswith("deeplabv3_") and args.batch_size < 2:
         raise ValueError(f"--model {args.model} needs --batch-size 2 or more (images per process): the "
                          f"image-pooling branch of its ASPP head applies BatchNorm to a 1x1 map, and "
@@ -247,6 +249,9 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
                              f"in the same folder (the last completed epoch)")
         resume_args(args, resume.get("args", {}), log)
     check_args(args)  # after resume_args: the values this run will use
+    if args.clip != "none" and args.max_norm == 0:
+        log("warning: --max-norm 0 scales every gradient to zero: the weights change only through "
+            "weight decay; give a positive --max-norm, or --clip none")
     if resume is not None:
         done = int(resume["epoch"]) + 1
         if done >= args.epochs:  # before anything is read or written
