@@ -1,4 +1,4 @@
-"""Clipping benchmark: the same as ``segclip bench`` (the code lives in segclip/bench.py).
+"""Clipping benchmark: the same as ``segclip bench`` (the code lives in segclip/bench/).
 
     python benchmarks/bench_clip.py --quick        # < 1 min on 2 cores
     python benchmarks/bench_clip.py                # every case, dtype and mode
@@ -15,4 +15,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from segclip.bench import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="bench_clip.py"))

@@ -115,8 +115,8 @@ fi
 # --- 3. benchmark
 BENCH_RC=125
 if [ "$BUILD_RC" -eq 0 ]; then
-  log "benchmarks/gpu_bench.py"
-  timeout "$(cap 240 40)" "$PY" benchmarks/gpu_bench.py --out "$OUT_DIR/gpu_bench.json" 2>&1 | tee "$OUT_DIR/gpu_bench.log"
+  log "segclip bench --device cuda"
+  timeout "$(cap 240 40)" "$PY" -m segclip bench --device cuda --quick --dtypes fp32,bf16,fp16 --rounds 3 --no-progress --out "$OUT_DIR/gpu_bench.json" 2>&1 | tee "$OUT_DIR/gpu_bench.log"
   BENCH_RC=${PIPESTATUS[0]}
 fi
 

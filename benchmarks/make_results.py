@@ -1,4 +1,4 @@
-"""Writes benchmarks/RESULTS.md from benchmark JSON files; the page is never edited by hand.
+"""Writes benchmarks/RESULTS.md from segclip-bench/2 JSON files; the page is never edited by hand.
 
     python benchmarks/make_results.py                              # newest benchmarks/results/cpu-*.json
     python benchmarks/make_results.py --cpu-json benchmarks/results/cpu-<date>.json \\
@@ -6,8 +6,7 @@
 
 Works from any folder: the page goes to benchmarks/RESULTS.md of this checkout (--out to change),
 and without --cpu-json the newest benchmarks/results/cpu-*.json of this checkout is used (none
-found: an error, exit 2). A figure the JSON files do not hold reads "not measured". The code lives in segclip/bench_report.py
-(accepted JSON layouts: its docstring and docs/benchmarks.md).
+found: an error, exit 2). The code lives in segclip/bench/page.py.
 """
 
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # the repository: default --root, and --out is ROOT/benchmarks/RESULTS.md
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from segclip.bench_report import results_main  # noqa: E402
+from segclip.bench.page import results_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(results_main(repo_root=ROOT))

@@ -1,4 +1,4 @@
-"""benchmarks/bench_train.py runs (tiny settings) and writes its JSON."""
+"""benchmarks/bench_train.py (``segclip bench --suite train``) runs (tiny settings) and writes its JSON."""
 
 from __future__ import annotations
 
@@ -20,17 +20,20 @@ def _load():
 
 def test_bench_train_smoke(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SEGCLIP_CACHE", str(tmp_path / "cache"))
-    bench = _load()
-    assert bench.main(["--models", "lraspp_mobilenet_v3_large", "--size", "32", "--batch-size", "2",
-                       "--steps", "2", "--warmup", "1", "--rounds", "2",
-                       "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "bench_train.json").read_text())
-    assert [r["clip"] for r in report["results"]] == ["fused", "torch", "none"]
-    for r in report["results"]:
-        assert r["steps"] == 2 and r["images_per_s"] > 0 and 0 < r["clip_share"] < 1
+    assert _load().main(["--models", "lraspp_mobilenet_v3_large", "--size", "32", "--batch-size", "2",
+                         "--steps", "2", "--warmup", "1", "--rounds", "2", "--device", "cpu", "--no-plot",
+                         "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["schema"] == "segclip-bench/2" and report["suite"] == "train"
+    assert report["settings"]["batch_size"] == 2 and report["settings"]["clips"] == ["fused", "torch", "none"]
+    assert [r["impl"] for r in report["records"]] == ["fused", "torch", "none"]
+    for r in report["records"]:
+        assert r["n_samples"] == 2 and r["images_per_s"] == pytest.approx(2 / r["median_s"], rel=1e-3)
+        assert 0 < r["clip_share"] < 1 and set(r["phase_ms"]) == {"forward", "backward", "clip", "step"}
     assert r["clipped_share"] == 0  # clip=none never clips
     out = capsys.readouterr().out
-    assert "clip share" in out and "img/s" in out
+    assert "images/s clip fused" in out and "clip share (fused)" in out
+    assert "| lraspp_mobilenet_v3_large |" in (tmp_path / "summary.md").read_text()
 
 
 BAD_ARGS = [
@@ -42,26 +45,25 @@ BAD_ARGS = [
     (["--models", "deeplabv3_mobilenet_v3_large", "--batch-size", "1"],
      "--models deeplabv3_mobilenet_v3_large needs --batch-size 2 or more"),
     (["--models", ","], "--models: no name given"),
+    (["--models", "fcn"], "unknown model 'fcn'"),
     (["--clips", "sometimes"], "unknown clip mode 'sometimes'"),
-    (["--device", "bogus"], "--device bogus: not a device"),
+    (["--device", "bogus"], "argument --device: invalid choice: 'bogus'"),
     (["--out", "AFILE"], "--out AFILE: exists and is not a folder"),
-] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: CUDA is not available here")])
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda but no CUDA device is visible")])
 
 
 @pytest.mark.parametrize("argv, message", BAD_ARGS)
 def test_bad_arguments_are_one_line_errors_before_the_run(argv, message, tmp_path, monkeypatch, capsys):
-    bench = _load()
-
     def refuse(*args, **kwargs):
         raise AssertionError("the benchmark ran before the error was found")
 
-    monkeypatch.setattr(bench, "run", refuse)
-    monkeypatch.setattr(bench, "make_batches", refuse)
+    monkeypatch.setattr("segclip.bench.engine.run", refuse)
+    monkeypatch.setattr("segclip.bench.suites.train.make_batches", refuse)
     afile = tmp_path / "afile"
     afile.write_text("")
     argv = [str(afile) if a == "AFILE" else a for a in argv]
     with pytest.raises(SystemExit) as e:
-        bench.main(argv)
+        _load().main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     last = err.splitlines()[-1]

@@ -50,12 +50,11 @@ def run(args) -> int:
     from pathlib import Path
 
     from . import distributed as dist_utils
-    from .data import eval_loader, open_split
+    from .data import eval_loader, open_split, resolve_data
     from .metrics import format_table
     from .palette import class_names
     from .predict import load_model
     from .runlog import write_json
-    from .trainer import resolve_data
     from .transforms import eval_transforms
 
     info, device = dist_utils.setup(args.device)

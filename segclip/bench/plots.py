@@ -1,0 +1,63 @@
+"""``speedup.png``: the speedup over the suite's baseline per case, a panel per device x mode x dtype,
+on a log axis (a 20x bar and a 1.1x bar both stay readable) with each bar's value written on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .report import Figures, devices_of
+
+SHORT_CASE = {
+    "deeplabv3_resnet50": "deeplabv3_r50", "deeplabv3_resnet101": "deeplabv3_r101",
+    "deeplabv3_mobilenet_v3_large": "deeplabv3_mbv3", "lraspp_mobilenet_v3_large": "lraspp_mbv3",
+    "synthetic_tiny": "tiny x2000", "synthetic_huge": "huge x8", "synthetic_smoke": "smoke x16",
+}
+
+
+def plot_speedups(result: dict, path) -> Path | None:
+    """Writes the chart to ``path``; None when the result holds no speedup to draw."""
+    fig_data = Figures(result)
+    suite = fig_data.suite
+    recs = [r for r in fig_data.records if r.impl != suite.baseline and fig_data.speedup(r)]
+    if not recs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(d, m, t) for d in devices_of(result) for m in suite.modes for t in suite.dtypes
+              if any((r.device, r.mode, r.dtype) == (d, m, t) for r in recs)]
+    n_cases = len({r.case for r in recs})
+    cols = len({p[2] for p in panels})
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(max(6.0, 2 + 1.4 * n_cases) * cols, 4.2 * rows))
+    for ax, (device, mode, dtype) in zip(axes.flat, panels):
+        group = [r for r in recs if (r.device, r.mode, r.dtype) == (device, mode, dtype)]
+        cases = list(dict.fromkeys(r.case for r in group))
+        labels = {k: v[0] for k, v in suite.impls(device).items() if any(r.impl == k for r in group)}
+        width = 0.8 / len(labels)
+        for i, (impl, label) in enumerate(labels.items()):
+            got = {r.case: fig_data.speedup(r) for r in group if r.impl == impl}
+            xs = [x + (i - (len(labels) - 1) / 2) * width for x, c in enumerate(cases) if c in got]
+            bars = ax.bar(xs, [got[c] for c in cases if c in got], width, label=label,
+                          hatch="//" if impl == suite.bound else None, alpha=0.6 if impl == suite.bound else 1.0)
+            ax.bar_label(bars, fmt="%.2g", fontsize=6, padding=1)
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(cases)), [SHORT_CASE.get(c, c) for c in cases], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(f"speedup over {suite.impls(device)[suite.baseline][0]} (log)")
+        ax.set_title(f"{device}, {dtype}, {mode}", fontsize=10)
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.margins(y=0.15)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    m = result.get("machine") or {}
+    fig.suptitle(f"segclip bench {suite.name}: {m.get('gpu_name') or m.get('cpu_model', '')} "
+                 f"({m.get('torch_threads', '?')} threads), {m.get('date', '')}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
