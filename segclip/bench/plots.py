@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import Figures, devices_of
+from .report import SHORT_MODE, Figures, devices_of
 
 SHORT_CASE = {
     "deeplabv3_resnet50": "deeplabv3_r50", "deeplabv3_resnet101": "deeplabv3_r101",
@@ -26,33 +26,39 @@ def plot_speedups(result: dict, path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(d, m, t) for d in devices_of(result) for m in suite.modes for t in suite.dtypes
-              if any((r.device, r.mode, r.dtype) == (d, m, t) for r in recs)]
+    # a row per device x dtype, a column per mode
+    rows_ = [(d, t) for d in devices_of(result) for t in suite.dtypes if any((r.device, r.dtype) == (d, t) for r in recs)]
+    modes = [m for m in suite.modes if any(r.mode == m for r in recs)]
+    panels = [(d, m, t) for d, t in rows_ for m in modes]
     n_cases = len({r.case for r in recs})
-    cols = len({p[2] for p in panels})
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(max(6.0, 2 + 1.4 * n_cases) * cols, 4.2 * rows))
+    fig, axes = plt.subplots(len(rows_), len(modes), squeeze=False,
+                             figsize=(max(6.0, 2 + 1.1 * n_cases) * len(modes), 4.2 * len(rows_)))
     for ax, (device, mode, dtype) in zip(axes.flat, panels):
         group = [r for r in recs if (r.device, r.mode, r.dtype) == (device, mode, dtype)]
+        if not group:
+            continue
         cases = list(dict.fromkeys(r.case for r in group))
         labels = {k: v[0] for k, v in suite.impls(device).items() if any(r.impl == k for r in group)}
         width = 0.8 / len(labels)
         for i, (impl, label) in enumerate(labels.items()):
             got = {r.case: fig_data.speedup(r) for r in group if r.impl == impl}
             xs = [x + (i - (len(labels) - 1) / 2) * width for x, c in enumerate(cases) if c in got]
-            bars = ax.bar(xs, [got[c] for c in cases if c in got], width, label=label,
+            ys = [got[c] for c in cases if c in got]
+            # bars grow from 1 (as fast as the baseline): up when faster, down when slower
+            bars = ax.bar(xs, [y - 1 for y in ys], width, bottom=1, label=label,
                           hatch="//" if impl == suite.bound else None, alpha=0.6 if impl == suite.bound else 1.0)
-            ax.bar_label(bars, fmt="%.2g", fontsize=6, padding=1)
+            ax.bar_label(bars, labels=[f"{y:.3g}x" for y in ys], fontsize=6, padding=1)
         ax.set_yscale("log")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(cases)), [SHORT_CASE.get(c, c) for c in cases], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"speedup over {suite.impls(device)[suite.baseline][0]} (log)")
-        ax.set_title(f"{device}, {dtype}, {mode}", fontsize=10)
+        ax.set_title(f"{device}, {dtype}, {SHORT_MODE.get(mode, mode)}", fontsize=10)
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.margins(y=0.15)
         ax.legend(fontsize=7, loc="upper left")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels):
+        if not any((r.device, r.mode, r.dtype) == panel for r in recs):
+            ax.set_visible(False)
     m = result.get("machine") or {}
     fig.suptitle(f"segclip bench {suite.name}: {m.get('gpu_name') or m.get('cpu_model', '')} "
                  f"({m.get('torch_threads', '?')} threads), {m.get('date', '')}", fontsize=10)
