@@ -10,6 +10,7 @@ See ``segclip.backends()`` for which kernels were compiled and loaded here.
 
 from ._ext import BackendInfo, backends
 from .clip import clip_grad_norm_, clip_with_norm_, fused_clip_, total_norm
+from .fold import clip_optimizer_
 
-__all__ = ["fused_clip_", "clip_grad_norm_", "total_norm", "clip_with_norm_", "backends", "BackendInfo"]
+__all__ = ["fused_clip_", "clip_grad_norm_", "total_norm", "clip_with_norm_", "clip_optimizer_", "backends", "BackendInfo"]
 __version__ = "0.1.0"
