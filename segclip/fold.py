@@ -119,6 +119,8 @@ def _grad_reason(grads: list[Tensor], norm_type: float) -> str | None:
     for i, g in enumerate(grads):
         if g.layout != torch.strided:
             return f"the gradient number {i} is sparse ({g.layout})"
+        if type(g) is not Tensor:  # DTensor and friends: a local norm is not theirs
+            return f"the gradient number {i} is a {type(g).__name__}, not a plain Tensor"
     devices = {g.device for g in grads}
     if len(devices) > 1:
         return f"the gradients sit on several devices ({', '.join(sorted(map(str, devices)))})"

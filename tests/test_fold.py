@@ -400,6 +400,18 @@ def test_several_devices_and_sparse_gradients():
         segclip.clip_optimizer_(opt, 1e-3, fold=True)
 
 
+def test_tensor_subclass_gradients_take_the_plain_path():
+    class Local(torch.Tensor):  # stands in for DTensor, whose local norm is not the global one
+        pass
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3).as_subclass(Local)
+    opt = torch.optim.AdamW([p], fused=True)
+    assert segclip.fold.fold_path(opt) == "plain"
+    with pytest.raises(ValueError, match="not a plain Tensor"):
+        segclip.clip_optimizer_(opt, 1.0, fold=True)
+
+
 def test_no_gradients():
     net = make_net()
     opt = OPTIMIZERS["AdamW-fused"](net.parameters())
