@@ -83,7 +83,7 @@ if CPU_ARCH == "native":
     cxx_flags.append("-march=native")
 nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
 
-cpu_sources = ["csrc/segclip.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+cpu_sources = ["csrc/segclip.cpp", "csrc/adapt_ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
 
 NO_EXTENSIONS = os.environ.get("SEGCLIP_NO_EXTENSIONS", "0") == "1"

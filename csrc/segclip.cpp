@@ -23,6 +23,19 @@
 //      tensors *= coef, in place. coef is a 0-dim floating tensor on the same device. When
 //      coef >= 1 nothing is written at all (NaN is not >= 1, so NaN scales, as torch does).
 //      Products are computed in float32 (float64 for float64 tensors) and rounded once.
+//  * multi_tensor_clip_value_(tensors, clip_value) -> ()
+//      tensors = clamp(tensors, -c, c) in place, where c is clip_value (>= 0, not NaN) rounded to each
+//      tensor's dtype (through float32 for half/bfloat16, as torch rounds the bound). NaN stays NaN,
+//      +-inf become +-c. Only elements beyond the bound are written (an element equal to the bound
+//      or inside it is never stored to). Bitwise what torch.nn.utils.clip_grad_value_ gives.
+//  * multi_tensor_adaptive_clip_(weights, grads, clip_factor, eps, norm_type) -> ()
+//      Unit-wise adaptive clipping (timm's adaptive_clip_grad): weights[i] and grads[i] have one shape;
+//      a unit is a slice along dim 0 (the whole tensor when it has at most one dimension). Per unit,
+//      with norms of order norm_type (1, 2 or inf) in the op-math type (float; double for double):
+//      m = max(||w||, eps) * clip_factor, and the unit's gradient is scaled by m / max(||g||, 1e-6)
+//      unless ||g|| < m (then nothing is written). NaN in a unit's weight or gradient makes that
+//      unit's gradient NaN, as in timm. Units are computed as rows of a contiguous layout: tensors
+//      that are not contiguous go through a packed copy (and are written back when a unit clips).
 #include <Python.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -35,6 +48,11 @@ TORCH_LIBRARY(segclip, m) {
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");
   m.def("multi_tensor_norm_coef(Tensor[] tensors, float norm_type, float max_norm) -> (Tensor, Tensor)");
   m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()");
+  // Value and adaptive clipping (kernels: cpu/value_cpu.cpp, cpu/adaptive_cpu.cpp, cuda/value_*; the
+  // Autograd and ADInplaceOrView kernels: adapt_ops.cpp).
+  m.def("multi_tensor_clip_value_(Tensor(a!)[] tensors, float clip_value) -> ()");
+  m.def("multi_tensor_adaptive_clip_(Tensor[] weights, Tensor(a!)[] grads, float clip_factor, float eps, "
+        "float norm_type) -> ()");
 }
 
 // NOTE: [version counter]

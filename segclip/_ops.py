@@ -40,3 +40,16 @@ if _ext.CPU_LOADED:
         if tensors:
             _check_devices(list(tensors) + [coef], "segclip::multi_tensor_scale_")
         return None
+
+    @torch.library.register_fake("segclip::multi_tensor_clip_value_")
+    def _multi_tensor_clip_value_fake(tensors, clip_value):
+        if tensors:
+            _check_devices(tensors, "segclip::multi_tensor_clip_value_")
+        return None
+
+    @torch.library.register_fake("segclip::multi_tensor_adaptive_clip_")
+    def _multi_tensor_adaptive_clip_fake(weights, grads, clip_factor, eps, norm_type):
+        torch._check(len(weights) == len(grads), lambda: "segclip::multi_tensor_adaptive_clip_: one weight per grad")
+        if grads:
+            _check_devices(list(weights) + list(grads), "segclip::multi_tensor_adaptive_clip_")
+        return None

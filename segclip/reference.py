@@ -149,3 +149,41 @@ def _share_memory(flat: list[Tensor]) -> bool:
     """Whether two of these non-overlapping, dense tensors share bytes (their ranges intersect)."""
     ranges = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in flat if t.numel())
     return any(start < end for (_, end), (start, _) in zip(ranges, ranges[1:]))
+
+
+def multi_tensor_clip_value_(tensors: list[Tensor], clip_value: float) -> None:
+    """``clamp(t, -clip_value, clip_value)`` in place: torch's clip_grad_value_ itself (foreach clamps
+    per device and dtype, bit for bit the kernels' result). Unlike the kernels it writes every
+    element, and a bound beyond a float16/bfloat16 gradient's range raises (torch's CPU clamp
+    refuses to convert it); complex or sparse gradients raise what torch raises."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for group in groups.values():
+        if all(t.layout == torch.strided for t in group):
+            torch._foreach_clamp_min_(group, -clip_value)
+            torch._foreach_clamp_max_(group, clip_value)
+        else:
+            for t in group:
+                t.clamp_(min=-clip_value, max=clip_value)
+
+
+def unitwise_norm(x: Tensor, norm_type: float) -> Tensor:
+    """The norm of each unit of ``x``: of each slice along dim 0 (shape ``(n, 1, ..., 1)``), or of the
+    whole tensor (0-dim) when ``x`` has at most one dimension. timm's ``unitwise_norm``."""
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x, norm_type)
+    return torch.linalg.vector_norm(x, norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def adaptive_clip_(weights: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
+                   norm_type: float) -> None:
+    """Unit-wise adaptive gradient clipping, one parameter at a time with PyTorch ops: timm's
+    ``adaptive_clip_grad`` loop (norms, bound, ratio and product in the gradient's dtype)."""
+    for w, g in zip(weights, grads):
+        if g.numel() == 0:
+            continue
+        max_norm = unitwise_norm(w.detach(), norm_type).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = unitwise_norm(g, norm_type)
+        clipped = g * (max_norm / grad_norm.clamp(min=1e-6))
+        g.copy_(torch.where(grad_norm < max_norm, g, clipped))
