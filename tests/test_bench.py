@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def test_no_carriage_returns_when_stderr_is_no_terminal(tmp_path):
                            "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr + proc.stdout and "wrote " in proc.stdout
+    command = json.loads((tmp_path / "run" / "bench.json").read_text())["machine"]["command"]
+    assert command.startswith("segclip bench --models synthetic_smoke")  # as typed, through the segclip CLI
 
 
 def test_a_wrong_norm_is_reported_before_timing(tmp_path, monkeypatch, capsys):
@@ -204,6 +207,48 @@ def test_cuda_dry_run_plans_without_a_gpu(tmp_path, capsys):
     assert "bandwidth bound" in out and "no CUDA device is visible" in out and "nothing was timed" in out
     # without --dry-run: one line, before anything is built
     assert "--device cuda but no CUDA device is visible" in _usage_error(["--device", "cuda", "--out", str(tmp_path)], capsys)
+
+
+def test_cuda_timer_logic_with_fake_events(monkeypatch):
+    # No GPU here: the CUDA path of measure() runs against host-clock "events", so its blocks,
+    # calibration and per-call synchronisation are checked; the GPU test below checks the real thing.
+    import time
+
+    from segclip.bench.timers import measure
+
+    syncs = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3  # ms, as CUDA's
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(1))
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(2e-4)
+
+    for sync in (False, True):
+        syncs.clear(), calls.clear()
+        m = measure(fn, "cuda", 0.02, 1, description="sleep", sync_each_call=sync)
+        assert 2e-4 <= m.median < 2e-3 and len(m.times) >= 3 and sum(m.raw_times) >= 0.02
+        # blocks: a warm-up call, x10 until a block takes 1 ms, then blocks until 0.02 s are spent;
+        # one sync before each block (back-to-back calls inside it), or one more after every call
+        steps = round(math.log10(m.number_per_run))  # calibration blocks before the first kept one
+        blocks = 1 + steps + len(m.raw_times)
+        assert len(calls) == 1 + sum(10 ** i for i in range(steps)) + m.number_per_run * len(m.raw_times)
+        assert len(syncs) == blocks + (len(calls) if sync else 0)
 
 
 @pytest.mark.cuda

@@ -144,7 +144,7 @@ def resolve(args: argparse.Namespace, prog: str = PROG) -> argparse.Namespace:
     if args.out is None and not args.dry_run:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         args.out = os.path.join("runs", "bench", stamp + ("-quick" if args.quick else ""))
-    skip = {"func", "compare", "threshold", "no_plot", "no_progress", "out", "command", "dry_run", "device"}
+    skip = {"func", "compare", "threshold", "no_plot", "no_progress", "out", "command", "bench_command", "dry_run", "device"}
     args.recorded = {k: v for k, v in vars(args).items() if k not in skip}
     args.recorded["timing"] = (f"min_run_time {args.min_run_time} s x {args.rounds} rounds per implementation; "
                                "CPU: torch.utils.benchmark.Timer.blocked_autorange; CUDA: events around back-to-back "
@@ -159,8 +159,8 @@ def dry_run(args) -> int:
 
     suite = suites.get(args.suite)
     print(f"dry run of --suite {suite.name}: {len(args.models)} case(s) x {len(args.dtypes)} dtype(s) x "
-          f"{len(args.modes)} mode(s) on {', '.join(args.devices)}; {suite.count_timings(args)} timings of "
-          f">= {args.min_run_time} s")
+          f"{len(args.modes)} mode(s) on {', '.join(args.devices)}; {suite.count_timings(args)} timings"
+          + (f" of >= {args.min_run_time} s" if args.min_run_time else ""))
     for device in args.devices:
         impls = suite.impls(device)
         print(f"{device}: " + ", ".join(label + ("" if why is None else f" (not available: {why})")
@@ -186,7 +186,8 @@ def main_args(args: argparse.Namespace, prog: str = PROG) -> int:
     if len(compared) == 2:
         print(report.format_compare(*compared, args.threshold, names=tuple(args.compare)))
         return 0
-    args.command = getattr(args, "command", None) or command_line("segclip", sys.argv[1:])
+    # (args.command is the segclip CLI's subcommand name: "bench")
+    args.bench_command = getattr(args, "bench_command", None) or command_line("segclip", sys.argv[1:])
     args = resolve(args, prog)
     if args.dry_run:
         return dry_run(args)
@@ -238,5 +239,5 @@ def main(argv: list[str] | None = None, prog: str = "python -m segclip.bench") -
     add_arguments(p)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
-    args.command = command_line(prog, argv)
+    args.bench_command = command_line(prog, argv)
     return main_args(args, prog)

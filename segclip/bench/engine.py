@@ -16,7 +16,7 @@ def run(suite, settings) -> dict:
     from tqdm import tqdm
 
     started = time.perf_counter()
-    result = schema.new_result(suite.name, schema.machine_info(settings.threads, settings.command),
+    result = schema.new_result(suite.name, schema.machine_info(settings.threads, settings.bench_command),
                                settings.recorded)
     # A bar only on a terminal: in a pipe or a log it would leave a line per update.
     with tqdm(total=suite.count_timings(settings), desc=f"segclip bench {suite.name}", unit="timing",
