@@ -411,3 +411,68 @@ def test_committed_results_page_is_what_the_committed_json_gives(tmp_path):
     argv = command.split()[2:]
     assert page.results_main([*argv, "--out", str(tmp_path / "R.md"), "--root", str(ROOT)], repo_root=ROOT) == 0
     assert (tmp_path / "R.md").read_text() == committed
+
+
+TOY_SUITE = '''
+import torch
+
+from segclip.bench.cases import Case
+from segclip.bench.suites import Group, Suite, Target
+
+
+class ToySuite(Suite):
+    name, help = "toy", "a test's suite: sum of squares two ways"
+    cases = default_cases = quick_cases = ("small", "big")
+    modes = ("a", "b")
+    baseline = "loop"
+    targets = (Target("cpu", "big", "a", "foreach", "speedup", ">=", 1e-9),)
+
+    def impls(self, device):
+        return {"loop": ("python loop", None), "foreach": ("torch._foreach_norm", None),
+                "gpu_only": ("needs a GPU", "not on this machine")}
+
+    def make_case(self, name, device):
+        return Case(name, ((8,),) * (4 if name == "small" else 64), f"{name} list")
+
+    def groups(self, settings, device, result):
+        for name in settings.models:
+            case = self.make_case(name, device)
+            xs = [torch.randn(s) for s in case.shapes]
+            for dtype in settings.dtypes:
+                for mode in settings.modes:
+                    yield Group(case, dtype, mode, {"loop": lambda: sum(float(x.square().sum()) for x in xs),
+                                                    "foreach": lambda: torch._foreach_norm(xs)},
+                                extra={"mode_seen": mode}, impl_extra={"loop": {"python": True}})
+
+
+SUITE = ToySuite()
+'''
+
+
+def test_a_suite_is_one_module_that_plugs_in(tmp_path, monkeypatch, capsys):
+    # A suite module in another folder on the suites package's path: found by name, listed in
+    # --help, timed by the engine, and every report (tables, targets, summary, PNG) works on it.
+    from segclip.bench import suites
+
+    (tmp_path / "toy.py").write_text(TOY_SUITE)
+    monkeypatch.setattr(suites, "__path__", [*suites.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "segclip.bench.suites.toy", raising=False)
+    assert "toy" in suites.names()
+    out = tmp_path / "run"
+    assert cli.main(["--suite", "toy", "--models", "big", "--min-run-time", "0.001", "--rounds", "2", "--retries", "0",
+                     "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    result = schema.load(out / "bench.json")
+    assert result["suite"] == "toy" and result["cases"]["cpu"]["big"]["n_tensors"] == 64
+    got = {(r.mode, r.impl): r for r in result["records"]}
+    assert set(got) == {(m, i) for m in "ab" for i in ("loop", "foreach", "gpu_only")}
+    assert got["a", "loop"].extra == {"mode_seen": "a", "python": True, "others_cpu": got["a", "loop"].extra["others_cpu"],
+                                      "rounds_discarded": 0}
+    assert got["b", "gpu_only"].median_s is None and not got["b", "gpu_only"].available
+    assert got["a", "foreach"].median_s > 0 and got["a", "foreach"].n_samples >= 2
+    assert "== cpu, fp32, a ==" in text and "not available: not on this machine" in text
+    assert "1 of 1 measured targets met" in text
+    assert "| big |" in (out / "summary.md").read_text() and (out / "speedup.png").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "--suite {clip,toy,train}" in capsys.readouterr().out
