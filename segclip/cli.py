@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 COMMAND_MODULES = [
@@ -18,18 +19,54 @@ COMMAND_MODULES = [
 ]
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." record, and only that one.
+
+    NOTE: [CUDA_HOME notice] torch.utils.cpp_extension logs it at import whenever a CUDA toolkit is
+    installed but no GPU is visible. segclip never compiles at run time, yet the module gets imported
+    by torch.utils.benchmark (segclip bench, the demo's timers) and by torch.compile's C++ builder;
+    on a CPU machine with a toolkit the line reads like a problem with segclip's CUDA kernels. A
+    filter on that logger keeps every other record torch logs there.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def silence_cuda_home_notice() -> None:
+    """Installs the filter of note [CUDA_HOME notice] (idempotent); segclip's commands call it."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNotice) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNotice())
+
+
+def _version() -> str:
+    import torch
+
+    from . import __version__
+
+    return f"segclip {__version__} (torch {torch.__version__})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segclip", description="Fused gradient clipping for PyTorch: demo, training and benchmarks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs one command; a bare ``segclip`` prints the help and exits 0 (asking for help is no error)."""
+    silence_cuda_home_notice()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     return int(args.func(args) or 0)
 
 

@@ -30,14 +30,23 @@ _TensorOrTensors = Tensor | Iterable[Tensor]
 _Group = tuple[torch.device, list[Tensor], list[Tensor], bool]
 
 
-def _as_list(tensors: _TensorOrTensors, name: str) -> list:
+def _as_list(tensors: _TensorOrTensors, warn_empty_generator: bool = False) -> list:
+    """``tensors`` as a list (a generator is consumed once, here). Only ``fused_clip_`` warns about an
+    empty generator, as only torch's ``clip_grad_norm_`` does (``get_total_norm`` and
+    ``clip_grads_with_norm_`` are silent)."""
     if isinstance(tensors, Tensor):
         return [tensors]
     is_generator = isinstance(tensors, types.GeneratorType)
-    items = list(tensors)  # a generator is consumed once, here
-    if is_generator and not items:
-        warnings.warn(f"`{name}` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    items = list(tensors)
+    if warn_empty_generator and is_generator and not items:
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     return items
+
+
+def _a(obj) -> str:
+    """'a float', 'an int': the type of ``obj`` with its article, for error messages."""
+    name = type(obj).__name__
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
 
 
 def _check_backend(backend: str) -> None:
@@ -46,27 +55,22 @@ def _check_backend(backend: str) -> None:
 
 
 def _parse_max_norm(max_norm) -> float:
+    """``max_norm`` as a float: whatever torch accepts (anything ``float()`` takes, "1.0" and True
+    too), but a negative or NaN value is refused (torch silently flips or NaNs the gradients)."""
     if isinstance(max_norm, Tensor):
         if max_norm.numel() != 1:
             raise ValueError(f"max_norm must be a number or a one-element tensor, got shape {tuple(max_norm.shape)}")
         value = float(max_norm)  # a CUDA tensor costs one synchronisation here; pass a float to avoid it
-    elif isinstance(max_norm, numbers.Real) and not isinstance(max_norm, bool):  # what torch.compile traces
-        value = float(max_norm)
-    elif _is_one_real(max_norm):
+    elif isinstance(max_norm, numbers.Real):  # what torch.compile traces
         value = float(max_norm)
     else:
-        raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}: {max_norm!r}")
+        try:
+            value = float(max_norm)  # as torch does: "1.0", a 0-dim numpy array, ...
+        except (TypeError, ValueError) as exc:  # the exception type torch raises, naming the argument
+            raise type(exc)(f"max_norm must be a real number, got {_a(max_norm)}: {max_norm!r}") from None
     if not value >= 0:  # negative or NaN (written so that torch.compile can trace it)
         raise ValueError(f"max_norm must be a non-negative number, got {max_norm!r}")
     return value
-
-
-def _is_one_real(x) -> bool:
-    """A 0-dim numpy array (or the like) of a real dtype. Strings and bools are refused, although
-    float() takes them: "1.0" or True as max_norm is a mistake."""
-    if isinstance(x, (str, bytes, bool)) or not hasattr(x, "__float__") or getattr(x, "ndim", 0) != 0:
-        return False
-    return getattr(getattr(x, "dtype", None), "kind", "f") in "iuf"
 
 
 def _check_tensor(t: Tensor, what: str) -> None:
@@ -80,11 +84,11 @@ def _grads_of(parameters: list) -> list[Tensor]:
     grads = []
     for i, p in enumerate(parameters):
         if not isinstance(p, Tensor) and not hasattr(p, "grad"):  # torch takes anything with a .grad
-            raise TypeError(f"parameters[{i}] is a {type(p).__name__}, expected a Tensor")
+            raise TypeError(f"parameters[{i}] is {_a(p)}, expected a Tensor")
         g = p.grad
         if g is not None:
             if not isinstance(g, Tensor):
-                raise TypeError(f"the gradient of parameters[{i}] is a {type(g).__name__}, expected a Tensor")
+                raise TypeError(f"the gradient of parameters[{i}] is {_a(g)}, expected a Tensor")
             _check_tensor(g, f"the gradient of parameters[{i}]")
             grads.append(g)
     return grads
@@ -216,7 +220,8 @@ def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float 
     Args:
         parameters: a Tensor or an iterable of Tensors (a generator is consumed once). Parameters whose
             ``.grad`` is None are skipped.
-        max_norm: the largest allowed total norm; a non-negative number.
+        max_norm: the largest allowed total norm: a non-negative number, or anything ``float()`` takes
+            (as for torch: ``"1.0"``, True, a one-element tensor).
         norm_type: the p of the p-norm, as for torch (``'inf'`` and ``math.inf`` for the max norm).
             1, 2 and inf run in the kernels; other values are computed by PyTorch ops.
         error_if_nonfinite: raise ``RuntimeError`` when the total norm is NaN or infinite (costs one
@@ -242,7 +247,7 @@ def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float 
     _check_backend(backend)
     max_norm = _parse_max_norm(max_norm)
     norm_type = float(norm_type)  # the errors torch gives for a bad norm_type
-    params = _as_list(parameters, "parameters")
+    params = _as_list(parameters, warn_empty_generator=True)
     if not torch.compiler.is_compiling():
         fast = _fast_clip(params, max_norm, norm_type, error_if_nonfinite, backend)
         if fast is not None:
@@ -273,12 +278,12 @@ def total_norm(tensors: _TensorOrTensors, norm_type: float = 2.0, error_if_nonfi
     """
     _check_backend(backend)
     norm_type = float(norm_type)
-    items, tensors = _as_list(tensors, "tensors"), []
+    items, tensors = _as_list(tensors), []
     for i, t in enumerate(items):
         if t is None:
             continue
         if not isinstance(t, Tensor):
-            raise TypeError(f"tensors[{i}] is a {type(t).__name__}, expected a Tensor")
+            raise TypeError(f"tensors[{i}] is {_a(t)}, expected a Tensor")
         _check_tensor(t, f"tensors[{i}]")
         tensors.append(t)
     if not tensors:
@@ -294,13 +299,14 @@ def clip_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_norm: T
 
     Args:
         parameters: a Tensor or an iterable of Tensors; those without a gradient are skipped.
-        max_norm: the largest allowed total norm; a non-negative number.
+        max_norm: the largest allowed total norm: a non-negative number, or anything ``float()`` takes
+            (as for torch: ``"1.0"``, True, a one-element tensor).
         total_norm: the norm (a 0-dim tensor on any device, or a number), e.g. from :func:`total_norm`.
         foreach, backend: as for :func:`fused_clip_`.
     """
     _check_backend(backend)
     max_norm = _parse_max_norm(max_norm)
-    grads = _grads_of(_as_list(parameters, "parameters"))
+    grads = _grads_of(_as_list(parameters))
     if not grads:
         return
     if not isinstance(total_norm, Tensor):  # a number: in the gradients' accumulation dtype

@@ -246,8 +246,8 @@ def test_bad_max_norm_raises_value_error_naming_it(bad):
 
 def test_max_norm_type_errors_and_tensor_max_norm():
     params, originals = make_params([(30,)])
-    with pytest.raises(TypeError, match="max_norm"):
-        segclip.fused_clip_(params, "1.0")
+    with pytest.raises(TypeError, match="max_norm must be a real number, got a NoneType"):
+        segclip.fused_clip_(params, None)
     total = segclip.fused_clip_(params, torch.tensor(0.5))  # like torch, a one-element tensor works
     assert_clipped_close(params[0].grad, originals[0], oracle_coef(total.item(), 0.5), 1e-6)
 
@@ -448,14 +448,14 @@ def test_clip_with_norm_takes_a_number_in_the_gradients_precision():
     assert torch.equal(p.grad, g * ((1 / (torch.tensor(1.7, dtype=torch.float64) + 1e-6)) * 0.3))
 
 
-def test_max_norm_may_be_a_zero_dim_numpy_array_but_not_a_bool():
+def test_max_norm_may_be_a_zero_dim_numpy_array():
+    # Every other max_norm type is compared with torch in tests/test_dropin.py.
     np = pytest.importorskip("numpy")
     params, originals = make_params([(30,)])
     total = segclip.fused_clip_(params, np.array(0.5))
     assert_clipped_close(params[0].grad, originals[0], oracle_coef(total.item(), 0.5), 1e-6)
-    for bad in (True, np.array([0.5]), np.array(True)):
-        with pytest.raises(TypeError, match="max_norm"):
-            segclip.fused_clip_(params, bad)
+    with pytest.raises(TypeError, match="max_norm"):
+        segclip.fused_clip_(params, np.array([0.5]))  # float() refuses it: so does torch
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
