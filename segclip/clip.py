@@ -30,16 +30,16 @@ _TensorOrTensors = Tensor | Iterable[Tensor]
 _Group = tuple[torch.device, list[Tensor], list[Tensor], bool]
 
 
-def _as_list(tensors: _TensorOrTensors, warn_empty_generator: bool = False) -> list:
-    """``tensors`` as a list (a generator is consumed once, here). Only ``fused_clip_`` warns about an
-    empty generator, as only torch's ``clip_grad_norm_`` does (``get_total_norm`` and
-    ``clip_grads_with_norm_`` are silent)."""
+def _as_list(tensors: _TensorOrTensors, name: str | None = None) -> list:
+    """``tensors`` as a list (a generator is consumed once, here). With ``name``, an empty generator
+    warns as torch's ``clip_grad_norm_`` does; ``get_total_norm`` and ``clip_grads_with_norm_`` are
+    silent, so their counterparts pass no name."""
     if isinstance(tensors, Tensor):
         return [tensors]
     is_generator = isinstance(tensors, types.GeneratorType)
     items = list(tensors)
-    if warn_empty_generator and is_generator and not items:
-        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    if name is not None and is_generator and not items:
+        warnings.warn(f"`{name}` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     return items
 
 
@@ -71,6 +71,13 @@ def _parse_max_norm(max_norm) -> float:
     if not value >= 0:  # negative or NaN (written so that torch.compile can trace it)
         raise ValueError(f"max_norm must be a non-negative number, got {max_norm!r}")
     return value
+
+
+def _is_one_real(x) -> bool:
+    """A 0-dim numpy array (or the like) of a real dtype; strings and bools are not."""
+    if isinstance(x, (str, bytes, bool)) or not hasattr(x, "__float__") or getattr(x, "ndim", 0) != 0:
+        return False
+    return getattr(getattr(x, "dtype", None), "kind", "f") in "iuf"
 
 
 def _check_tensor(t: Tensor, what: str) -> None:
@@ -247,7 +254,7 @@ def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float 
     _check_backend(backend)
     max_norm = _parse_max_norm(max_norm)
     norm_type = float(norm_type)  # the errors torch gives for a bad norm_type
-    params = _as_list(parameters, warn_empty_generator=True)
+    params = _as_list(parameters, "parameters")
     if not torch.compiler.is_compiling():
         fast = _fast_clip(params, max_norm, norm_type, error_if_nonfinite, backend)
         if fast is not None:
