@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # Pinned: pip takes these from the machine's disk; an unpinned torch would download several GB.
+# lightning, accelerate, timm: tests/test_frameworks.py runs segclip.patch_torch() inside them.
 DEPS   := torch==2.14.1 torchvision==0.29.1 ninja pybind11 "setuptools>=70" wheel \
-          pytest hypothesis tqdm matplotlib
+          pytest hypothesis tqdm matplotlib lightning==2.6.6 accelerate==1.15.0 timm==1.0.29
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 export MAX_JOBS ?= 2
 

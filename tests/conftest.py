@@ -98,3 +98,24 @@ def make_params(shapes, dtype=torch.float32, scale=1.0, generator=None):
         p.grad = (torch.randn(shape, dtype=torch.float64, generator=generator) * scale).to(dtype)
         params.append(p)
     return params, [p.grad.clone() for p in params]
+
+
+# torch's clipping functions as the session found them: no test may leave segclip.patch_torch()
+# applied (a leaked patch would make every later "against torch" comparison compare segclip with itself).
+_TORCH_CLIP_NAMES = ("clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_")
+_TORCH_CLIP_ORIGINALS = {(m.__name__, n): getattr(m, n) for m in (torch.nn.utils, torch.nn.utils.clip_grad)
+                         for n in _TORCH_CLIP_NAMES if hasattr(m, n)}
+
+
+@pytest.fixture(autouse=True)
+def _no_torch_patch_left():
+    yield
+    import sys
+
+    leaked = [key for key, fn in _TORCH_CLIP_ORIGINALS.items() if getattr(sys.modules[key[0]], key[1]) is not fn]
+    if leaked:
+        from segclip import patch
+
+        for handle in list(patch._stack):
+            handle.undo()
+        pytest.fail(f"the test left torch's clipping functions patched: {leaked}")
