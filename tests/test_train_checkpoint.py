@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from _train_util import REPO, TINY, env, segclip
+from _train_util import REPO, TINY, env, segclip, tiny_voc
 from segclip.train import checkpoint as ck
 
 
@@ -83,12 +83,60 @@ def test_rng_state_round_trip_is_plain_and_exact(tmp_path):
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
 
 
-def test_load_rejects_what_is_not_a_checkpoint(tmp_path):
+def test_load_rejects_what_is_not_a_checkpoint_in_one_clear_line(tmp_path, capsys):
+    from segclip.cli import main
+
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="cannot load checkpoint"):
-        ck.load(tmp_path / "junk.pt")
+    (tmp_path / "notes.pt").write_text("these are my notes\n" * 20)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    import argparse
+    torch.save({"model": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pt")
+    torch.save({"w": torch.ones(2), "b": torch.zeros(1)}, tmp_path / "weights.pt")       # a bare state dict
+    expected = {
+        "junk.pt": "not a file written by torch.save",
+        "notes.pt": "not a file written by torch.save",
+        "empty.pt": "the file is empty (0 bytes)",
+        "pickled.pt": "it holds Python objects other than tensors and plain values",
+        "weights.pt": f"holds only model weights (a state dict), not a segclip checkpoint; to start a "
+                      f"training run from them, use segclip train --weights {tmp_path / 'weights.pt'}",
+    }
+    for name, message in expected.items():
+        with pytest.raises(ValueError) as e:
+            ck.load(tmp_path / name)
+        assert message in str(e.value) and "weights_only" not in str(e.value), str(e.value)
+        # Through the CLI: one line, no traceback, no advice to load unsafely.
+        assert main(["eval", "--checkpoint", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "weights_only" not in err
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         ck.load(tmp_path / "none.pt")
+
+
+def test_a_failed_checkpoint_write_is_one_line_that_says_the_previous_one_is_intact(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "last.pt"
+    ck.atomic_save({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
+    real_save = torch.save
+
+    def torch_writer_fails(obj, f, *a, **k):  # what torch raises when the disk fills during a save
+        f.write(b"PK\x03\x04 half")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    def disk_full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for fail, reason in ((torch_writer_fails, "the write failed ("), (disk_full, "No space left on device;")):
+        monkeypatch.setattr(torch, "save", fail)
+        with pytest.raises(ck.CheckpointWriteError) as e:
+            ck.atomic_save({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
+        assert str(e.value).startswith(f"cannot write checkpoint {path}: {reason}")
+        assert str(e.value).endswith("the previous last.pt is intact (the save writes a temporary file and renames it)")
+        monkeypatch.setattr(torch, "save", real_save)
+        assert ck.load(path)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(ck.CheckpointWriteError, match="nothing was written"):
+        ck.atomic_save({"model": {}}, tmp_path / "new.pt")
 
 
 RUN = [*TINY, "--epochs", "3", "--deterministic", "--seed", "5", "--no-plot", "--max-norm", "1.0"]
@@ -98,49 +146,81 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
-    cache = tmp_path / "cache"
-    # 16 images / batch 4 = 4 steps per epoch; 3 epochs.
-    full = segclip(["train", *RUN, "--out", str(tmp_path / "full")], cache)
-    assert full.returncode == 0, full.stderr
+def _start(cache, out, **extra):
+    return subprocess.Popen([sys.executable, "-m", "segclip", "train", *RUN, "--out", str(out)], cwd=REPO,
+                            env=env(cache, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    killed_dir = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-m", "segclip", "train", *RUN, "--out", str(killed_dir)],
-                         cwd=REPO, env=env(cache, SEGCLIP_TEST_HANG_AT_STEP="6"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    steps = killed_dir / "steps.jsonl"
+
+def _wait_for_step(p, steps, n):
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # step 6 = epoch 1 (0-based), its second step
-        if steps.exists() and any(json.loads(line)["step"] == 6 for line in steps.read_text().splitlines()
+    while time.monotonic() < deadline:
+        if steps.exists() and any(json.loads(line)["step"] == n for line in steps.read_text().splitlines()
                                   if line.strip()):
-            break
-        assert p.poll() is None, p.stderr.read()
+            return
+        assert p.poll() is None, p.communicate()
         time.sleep(0.1)
-    else:
-        p.kill()
-        pytest.fail("the training process never reached step 6")
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    # What it left: epoch 0 complete in last.pt, loadable; nothing half-written.
-    left = torch.load(killed_dir / "last.pt", weights_only=True)
-    assert left["epoch"] == 0 and left["train_state"]["step"] == 4
-    assert not [q for q in killed_dir.iterdir() if ck.TMP_MARK in q.name]
+    p.kill()
+    pytest.fail(f"the training process never reached step {n}")
+
+
+def test_resume_after_sigkill_sigint_or_sigterm_mid_epoch_matches_an_uninterrupted_run(tmp_path):
+    cache = tmp_path / "cache"
+    tiny_voc(cache, 16, 4, 32)  # generated once, before the runs start in parallel
+    # 16 images / batch 4 = 4 steps per epoch; 3 epochs. SIGKILL and SIGINT at step 6 (epoch 2's
+    # second step); SIGTERM at step 4, the last step of epoch 1, before its evaluation.
+    full = _start(cache, tmp_path / "full")
+    cases = {"kill": (signal.SIGKILL, 6), "int": (signal.SIGINT, 6), "term": (signal.SIGTERM, 4)}
+    procs = {name: _start(cache, tmp_path / name, SEGCLIP_TEST_HANG_AT_STEP=str(step))
+             for name, (_, step) in cases.items()}
+    for name, (sig, step) in cases.items():
+        _wait_for_step(procs[name], tmp_path / name / "steps.jsonl", step)
+        os.kill(procs[name].pid, sig)
+    for name, (sig, step) in cases.items():
+        out, err = procs[name].communicate(timeout=120)
+        last = tmp_path / name / "last.pt"
+        left = torch.load(last, weights_only=True)
+        assert not [q for q in (tmp_path / name).iterdir() if ck.TMP_MARK in q.name]
+        if sig == signal.SIGKILL:  # what it left: epoch 1 complete in last.pt
+            assert procs[name].returncode == -signal.SIGKILL
+            assert left["epoch"] == 0 and left["train_state"]["step"] == 4 and left["position"] is None
+        else:  # one line, the exit status of the signal, and last.pt at the step it stopped after
+            assert procs[name].returncode == 128 + sig, err
+            epoch = 1 + (step - 1) // 4
+            assert err == (f"segclip train: interrupted at epoch {epoch} step {step} (saved at this step); "
+                           f"resume with: segclip train --resume {last}\n")
+            assert "Traceback" not in out
+            assert left["train_state"]["step"] == step and left["epoch"] == epoch - 2
+            assert left["position"]["epoch"] == epoch - 1 and left["position"]["iter"] == step - 4 * (epoch - 1)
+    assert full.wait(timeout=120) == 0, full.communicate()
 
     # Only --resume: every other argument comes from the checkpoint.
-    resumed = segclip(["train", "--resume", str(killed_dir / "last.pt")], cache)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout and "--epochs 3" in resumed.stdout
-    a, b = _weights(tmp_path / "full" / "last.pt"), _weights(killed_dir / "last.pt")
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-    # The log holds each step once, and the same losses as the uninterrupted run.
+    resumes = {name: subprocess.Popen([sys.executable, "-m", "segclip", "train", "--resume",
+                                       str(tmp_path / name / "last.pt")], cwd=REPO, env=env(cache),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name in cases}
+    a = _weights(tmp_path / "full" / "last.pt")
     log_a = [json.loads(line) for line in (tmp_path / "full" / "steps.jsonl").read_text().splitlines()]
-    log_b = [json.loads(line) for line in steps.read_text().splitlines()]
-    assert [r["step"] for r in log_b] == list(range(1, 13))
-    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
-    ckpt = torch.load(killed_dir / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["scheduler"]["last_epoch"] == 12
+    epochs_a = [json.loads(line) for line in (tmp_path / "full" / "epochs.jsonl").read_text().splitlines()]
+    for name, p in resumes.items():
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert "resumed from" in out and "--epochs 3" in out
+        b = _weights(tmp_path / name / "last.pt")
+        assert a.keys() == b.keys()
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+        # The log holds each step once, and the same losses as the uninterrupted run; the epochs
+        # (counted from 1) once each, with the same training summary.
+        log_b = [json.loads(line) for line in (tmp_path / name / "steps.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log_b] == list(range(1, 13))
+        assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+        assert [(r["epoch"], r["iter"]) for r in log_b] == [(1 + i // 4, i % 4) for i in range(12)]
+        epochs_b = [json.loads(line) for line in (tmp_path / name / "epochs.jsonl").read_text().splitlines()]
+        assert [e["epoch"] for e in epochs_b] == [1, 2, 3]
+        for key in ("train_loss", "steps", "clipped", "grad_norm_median", "val_mean_iou", "best_mean_iou"):
+            assert [e[key] for e in epochs_a] == [e[key] for e in epochs_b], (name, key)
+        ckpt = torch.load(tmp_path / name / "last.pt", weights_only=True)
+        assert ckpt["epoch"] == 2 and ckpt["scheduler"]["last_epoch"] == 12 and ckpt["position"] is None
 
 
 def test_resume_with_more_epochs_extends_the_lr_schedule(tmp_path, capsys):

@@ -138,16 +138,29 @@ def test_fused_optimizer_and_its_fallback(monkeypatch):
     assert notes and "no fused adamw kernel for cpu" in notes[0]
 
 
-def test_a_diverging_run_stops_with_a_message_and_a_checkpoint(tmp_path):
+def test_a_diverging_run_stops_with_a_message_and_a_checkpoint(tmp_path, capsys):
+    from segclip.cli import main
+
     out = tmp_path / "run"
-    r = segclip(["train", *TINY, "--epochs", "2", "--lr", "1e30", "--clip", "none", "--max-nonfinite", "2",
-                 "--warmup-iters", "0", "--no-plot", "--out", str(out)], tmp_path / "cache")
-    assert r.returncode == 3, r.stdout + r.stderr
-    assert "2 consecutive steps had a non-finite loss or gradient norm" in r.stdout
+    threads = torch.get_num_threads()
+    try:  # in-process (TINY sets --threads 1)
+        assert main(["train", *TINY, "--epochs", "2", "--lr", "1e30", "--clip", "none", "--max-nonfinite", "2",
+                     "--warmup-iters", "0", "--no-plot", "--cache-dir", str(tmp_path / "cache"),
+                     "--out", str(out)]) == 3
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    # One message, epochs counted from 1 (step 1 is still finite), the right file named: no epoch
+    # completed, so no last.pt.
+    assert err.startswith("segclip train: error: 2 consecutive steps had a non-finite loss or gradient norm")
+    assert "at epoch 1, step 3" in err and len(err.strip().splitlines()) == 1
+    assert f"The weights at this point are in {out / 'nonfinite.pt'}" in err
+    assert "no epoch was completed, so there is no last.pt to resume from" in err
+    assert not (out / "last.pt").exists()
     ck = torch.load(out / "nonfinite.pt", weights_only=True)
     assert ck["train_state"]["consecutive_nonfinite"] == 2 and ck["stopped"]
-    r = segclip(["train", "--resume", str(out / "nonfinite.pt")], tmp_path / "cache")
-    assert r.returncode == 2 and "resume from last.pt" in r.stderr
+    assert main(["train", "--resume", str(out / "nonfinite.pt")]) == 2
+    assert "resume from last.pt" in capsys.readouterr().err
 
 
 def test_foreground_pixels_are_counted():

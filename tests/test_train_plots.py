@@ -24,14 +24,14 @@ def run_dir(tmp_path):
                                                          "norm_type": 2.0}, "warmup_iters": 10}))
     with open(d / "steps.jsonl", "w") as f:
         for s in range(1, 101):
-            f.write(json.dumps({"step": s, "epoch": (s - 1) // 50, "lr": 0.1 * (1 - s / 100), "loss": 3.0 / s,
+            f.write(json.dumps({"step": s, "epoch": 1 + (s - 1) // 50, "lr": 0.1 * (1 - s / 100), "loss": 3.0 / s,
                                 "grad_norm": float(s), "clipped": s > 90, "skipped": False, "t_data": 0.001,
                                 "t_forward": 0.01, "t_backward": 0.02, "t_clip": 0.001, "t_step": 0.002}) + "\n")
         f.write('{"step": 101, "epo')  # a torn last line (killed writer) is ignored
     with open(d / "epochs.jsonl", "w") as f:
-        for e in range(2):
-            f.write(json.dumps({"epoch": e, "train_loss": 0.5 / (e + 1), "val_miou": 0.3 + 0.2 * e,
-                                "val_pixel_accuracy": 0.8 + 0.05 * e}) + "\n")
+        for e in range(1, 3):  # epochs count from 1 in the logs
+            f.write(json.dumps({"epoch": e, "train_loss": 0.5 / e, "val_mean_iou": 0.1 + 0.2 * e,
+                                "val_pixel_accuracy": 0.75 + 0.05 * e}) + "\n")
     return d
 
 
@@ -78,7 +78,7 @@ def _write_run(d, norms):
     with open(d / "steps.jsonl", "w") as f:
         for s, g in enumerate(norms, 1):
             # json.dumps writes NaN / Infinity, which json.loads reads back (as the trainer's log may hold)
-            f.write(json.dumps({"step": s, "epoch": 0, "lr": 0.1, "loss": None if g is None else 1.0,
+            f.write(json.dumps({"step": s, "epoch": 1, "lr": 0.1, "loss": None if g is None else 1.0,
                                 "grad_norm": g, "clipped": g is not None and g > 2.0, "skipped": g is None,
                                 "t_data": 0.001, "t_forward": 0.01, "t_backward": 0.02, "t_clip": 0.001,
                                 "t_step": 0.002}) + "\n")

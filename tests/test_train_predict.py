@@ -112,7 +112,29 @@ def test_clashing_names_get_unique_outputs_and_subfolders_are_mirrored(checkpoin
     assert written == sorted(["A.png", "A_overlay.png", "A_png.png", "A_png_overlay.png", "A_jpg.png",
                               "A_jpg_overlay.png", "sub/A.png", "sub/A_overlay.png", "sub/deeper/b.png",
                               "sub/deeper/b_overlay.png"])
-    assert f"wrote 10 files into {out}" in text and f"skipping {out}" in text
+    assert f"wrote masks and overlays of 5 images into {out}" in text and f"skipping {out}" in text
+
+
+def test_unreadable_images_are_skipped_with_a_warning_a_summary_and_exit_status_1(checkpoint, tmp_path, capsys):
+    from segclip.train.palette import VOC_CLASSES
+
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    _save(photos / "a.jpg", 24, 20)
+    (photos / "b.jpg").write_text("not an image")
+    _save(photos / "c.png", 24, 20)
+    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(photos), "--out", str(out),
+                 "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png", "c.png", "c_overlay.png"]
+    err = captured.err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith(f"segclip predict: warning: skipping {photos / 'b.jpg'}: ")
+    assert err[1] == f"wrote masks and overlays of 2 images into {out}; skipped 1 unreadable image (warnings above)"
+    # Each written image lists the classes found, by name.
+    lines = [ln for ln in captured.out.splitlines() if " -> " in ln]
+    assert len(lines) == 2
+    for ln in lines:
+        found = ln.split("(classes: ")[1].rstrip(")").split(", ")
+        assert found and set(found) <= set(VOC_CLASSES) | {"void"}
 
 
 def test_exif_orientation_is_applied(checkpoint, tmp_path):

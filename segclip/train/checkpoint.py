@@ -12,8 +12,12 @@ None): no pickled classes, so ``weights_only=True`` loads them and a checkpoint 
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +50,33 @@ def remove_stale_temporaries(folder: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a folder that cannot be written); the
+    message says so in one line, and that the previous file of that name is intact."""
+
+
+def _write_failure(path: Path, exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+    else:  # torch's writer: "[enforce fail at inline_container.cc:...] ... file write failed"
+        reason = "the write failed"
+    if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        try:
+            free = shutil.disk_usage(path.parent).free
+            reason += f" ({free / 1e6:.0f} MB free on its file system)"
+        except OSError:
+            pass
+    kept = (f"the previous {path.name} is intact (the save writes a temporary file and renames it)"
+            if path.exists() else "nothing was written")
+    return f"cannot write checkpoint {path}: {reason}; {kept}"
+
+
 def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save(obj, path)``, atomically (see the module doc)."""
+    """``torch.save(obj, path)``, atomically (see the module doc).
+
+    Raises:
+        CheckpointWriteError: the file could not be written (``path`` is then as it was).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
@@ -58,8 +87,10 @@ def atomic_save(obj, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CheckpointWriteError):
+            raise CheckpointWriteError(_write_failure(path, exc)) from None
         raise
     _fsync_dir(path.parent)
 
@@ -69,10 +100,24 @@ def load(path: str | Path, map_location="cpu") -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot load checkpoint {path}: the file is empty (0 bytes)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        # NOTE: torch's own message advises weights_only=False: wrong here (segclip's checkpoints
+        # never need it) and unsafe (unpickling runs code from the file), so it is not passed on.
+        if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+            raise ValueError(f"cannot load checkpoint {path}: not a file written by torch.save") from None
+        if isinstance(exc, pickle.UnpicklingError):
+            raise ValueError(f"cannot load checkpoint {path}: it holds Python objects other than tensors "
+                             f"and plain values, so it is not a segclip checkpoint (segclip does not load "
+                             f"such files: unpickling them can run code)") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot load checkpoint {path}: {type(exc).__name__}: {first}") from None
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ValueError(f"{path} holds only model weights (a state dict), not a segclip checkpoint; to "
+                         f"start a training run from them, use segclip train --weights {path}")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a segclip checkpoint (no 'model' entry)")
     return ckpt

@@ -14,6 +14,7 @@ the number of loader workers, or whether the run was resumed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import tempfile
@@ -32,6 +33,7 @@ from torchvision.transforms.v2 import functional as F
 
 from . import distributed as dist_utils
 from .errors import DataError
+from .interrupt import ignore_in_worker
 from .palette import VOID
 from .synthetic import SyntheticSpec, ensure_synthetic
 
@@ -310,6 +312,20 @@ def open_split(loc: VOCLocation, split: str, transforms, num_classes: int,
     return SegmentationSet(voc, transforms, num_classes, seed)
 
 
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` whose epoch can start after its first ``start`` indices (a resume in
+    the middle of an epoch: the batches already trained are not loaded again). The order is the
+    epoch's usual one, so the remaining batches are those the uninterrupted run would see."""
+
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
 def train_loader(dataset: SegmentationSet, batch_size: int, workers: int, seed: int, rank: int = 0,
                  world: int = 1, pin_memory: bool = False) -> DataLoader:
     """Shuffled (``DistributedSampler`` seeded with ``seed``; call ``loader.sampler.set_epoch(e)``
@@ -318,11 +334,11 @@ def train_loader(dataset: SegmentationSet, batch_size: int, workers: int, seed: 
     if per_rank < batch_size:
         raise DataError(f"the training split has {len(dataset)} images: {per_rank} per process, fewer "
                         f"than --batch-size {batch_size}; lower the batch size")
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=True)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                               drop_last=True)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=pad_collate, drop_last=True, pin_memory=pin_memory,
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=ignore_in_worker if workers else None)
 
 
 def transformed_size(transforms, size: tuple[int, int]) -> tuple[int, int]:
@@ -374,7 +390,7 @@ def eval_loader(dataset: SegmentationSet, batch_size: int, workers: int, rank: i
     sizes = {i: memo[raw[i]] for i in indices}
     batches = SameSizeBatches(indices, sizes, batch_size)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=pad_collate,
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, worker_init_fn=ignore_in_worker if workers else None)
 
 
 def absolute_path(path) -> str | None:

@@ -84,12 +84,25 @@ class EpochSummary:
     seconds: float = 0.0
     phase_seconds: dict = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     foreground_pixels: int = 0  # training pixels of a class >= 1 (not void), all ranks (approximate when large)
+    stopped: bool = False       # the epoch stopped early: a stop was requested (see segclip.train.interrupt)
+
+    def state(self) -> dict:
+        """The partial epoch as plain values (a mid-epoch checkpoint holds it); see :meth:`from_state`."""
+        return {"epoch": self.epoch, "steps": self.steps, "skipped": self.skipped, "clipped": self.clipped,
+                "loss_sum": self.loss_sum, "norms": list(self.norms), "images": self.images,
+                "seconds": self.seconds, "phase_seconds": dict(self.phase_seconds),
+                "foreground_pixels": self.foreground_pixels}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "EpochSummary":
+        return cls(**{k: (list(v) if k == "norms" else dict(v) if k == "phase_seconds" else v)
+                      for k, v in state.items()})
 
     def to_dict(self) -> dict:
         finite = self.steps - self.skipped
         norms = sorted(self.norms)
         return {
-            "epoch": self.epoch, "steps": self.steps, "skipped": self.skipped, "clipped": self.clipped,
+            "epoch": self.epoch + 1, "steps": self.steps, "skipped": self.skipped, "clipped": self.clipped,
             "clipped_share": self.clipped / finite if finite else None,
             "train_loss": self.loss_sum / finite if finite else None,
             "grad_norm_median": norms[len(norms) // 2] if norms else None,
@@ -117,10 +130,16 @@ def clip_gradients(params: list[torch.Tensor], cfg: StepConfig) -> torch.Tensor:
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scheduler, scaler: torch.amp.GradScaler, cfg: StepConfig, epoch: int,
                     state: TrainState, on_step: Callable[[dict], None] | None = None,
-                    progress=None) -> EpochSummary:
+                    progress=None, stop=None, summary: EpochSummary | None = None,
+                    start_iter: int = 0) -> EpochSummary:
     """Trains one pass over ``loader``; calls ``on_step(record)`` after every step (every rank).
 
     ``progress``: a tqdm-like bar (``update``, ``set_postfix``) or None.
+    ``stop``: a :class:`segclip.train.interrupt.StopSignal` (or None); ``stop.in_step`` is set while
+    a step runs. Once ``stop.requested`` holds on any rank (it rides along the step's all-reduce),
+    the epoch ends after that step with ``summary.stopped`` set.
+    ``summary``, ``start_iter``: continue a partial epoch (a resume from a mid-epoch checkpoint;
+    ``loader`` then yields only the remaining batches).
 
     Raises:
         NonFiniteStop: ``cfg.max_nonfinite`` consecutive steps were skipped.
@@ -131,10 +150,13 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     world = dist.get_world_size() if dist_utils.is_distributed() else 1
     sync = (lambda: torch.cuda.synchronize(device)) if (device.type == "cuda" and cfg.sync_timing) \
         else (lambda: None)
-    summary = EpochSummary(epoch)
+    summary = summary if summary is not None else EpochSummary(epoch)
     start = time.perf_counter()
+    seconds_before = summary.seconds
     mark = start
-    for it, (images, masks) in enumerate(loader):
+    for it, (images, masks) in enumerate(loader, start=start_iter):
+        if stop is not None:
+            stop.in_step = True  # until the step's end the weights, optimizer and schedule disagree
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
         sync()
@@ -161,11 +183,12 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         # the loss is averaged so that every rank takes the same skip decision and logs the same.
         # The count of foreground pixels rides along (binary 0/255 masks have none: all void).
         foreground = ((masks > 0) & (masks != VOID)).sum().float().to(loss.device)
-        pair = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device), foreground])
+        stopping = torch.tensor(float(stop is not None and stop.requested), device=loss.device)
+        pair = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device), foreground, stopping])
         if world > 1:
             dist_utils.all_reduce_sum(pair)
             pair[:2] /= world
-        loss_value, norm_value, foreground_value = pair.tolist()
+        loss_value, norm_value, foreground_value, stop_votes = pair.tolist()
         summary.foreground_pixels += int(foreground_value)
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         lr = optimizer.param_groups[0]["lr"]
@@ -192,7 +215,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         for k, v in times.items():
             summary.phase_seconds[k] += v
         record = {
-            "step": state.step, "epoch": epoch, "iter": it, "lr": lr,
+            "step": state.step, "epoch": epoch + 1, "iter": it, "lr": lr,  # logs count epochs from 1
             "loss": _finite_or_none(loss_value), "grad_norm": _finite_or_none(norm_value),
             "clipped": bool(clipped), "skipped": not finite, "batch": images.shape[0],
             **{f"t_{k}": v for k, v in times.items()},
@@ -203,11 +226,16 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", norm=f"{norm_value:.3g}",
                                  lr=f"{lr:.2e}", refresh=False)
+        if stop is not None:
+            stop.in_step = False
+            if stop_votes > 0 or (world == 1 and stop.requested):  # under DDP the vote alone: same step everywhere
+                summary.stopped = True
+                break
         if state.consecutive_nonfinite >= cfg.max_nonfinite:
-            summary.seconds = time.perf_counter() - start
+            summary.seconds = seconds_before + time.perf_counter() - start
             raise NonFiniteStop(
                 f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm "
-                f"(last: loss {loss_value}, grad norm {norm_value}) at epoch {epoch}, step {state.step}; "
+                f"(last: loss {loss_value}, grad norm {norm_value}) at epoch {epoch + 1}, step {state.step}; "
                 f"stopping")
-    summary.seconds = time.perf_counter() - start
+    summary.seconds = seconds_before + time.perf_counter() - start
     return summary

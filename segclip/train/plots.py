@@ -7,7 +7,7 @@ Charts (matplotlib, Agg backend, so no display is needed):
     miou.png            validation mIoU and pixel accuracy per epoch
     grad_norm.png       gradient norm before clipping per step, the max_norm line, clipped steps
     grad_norm_hist.png  histogram of the observed norms with the suggested max_norm
-    timing.png          mean time per step in data / forward / backward / clip / step
+    timing.png          median time per step in data / forward / backward / clip / step
 
 How to choose ``max_norm``: clipping is a guard against rare gradient spikes, not a second learning
 rate. Train (or look at a run) and take a high percentile (default the 95th) of the gradient norms
@@ -49,13 +49,35 @@ def suggest_max_norm(norms: list[float], percentile: float = 95.0, skip: int = 0
     return value, median, why
 
 
-def _plain_log_ticks(axis) -> None:
-    """Log-scale ticks written as plain numbers (0.2, 0.5, 1, 2, 5) instead of 2x10^-1."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+def _plain_log_ticks(axis, lo: float, hi: float) -> None:
+    """Log-scale ticks from :func:`_log_ticks`, written as plain numbers (0.2, 0.5, 1, 2, 5)
+    instead of 2x10^-1, without minor labels."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ticks = _log_ticks(lo, hi)
+    if ticks:
+        axis.set_major_locator(FixedLocator(ticks))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values for a log axis from ``lo`` to ``hi``: 1-2-5 per decade, or finer steps when that
+    gives fewer than 4 ticks (a range within one decade), so the axis always has several labels."""
+    if not (0 < lo < hi):
+        return []
+    for subs in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [m * 10.0 ** k for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+                 for m in subs if lo <= m * 10.0 ** k <= hi]
+        if len(ticks) >= 4:
+            return ticks
+    return ticks
+
+
+def _legend_outside(ax) -> None:
+    """The legend to the right of the axes, where it cannot cover data (saved with bbox 'tight')."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
 
 
 def _finite(value) -> float | None:
@@ -108,7 +130,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     def save(fig, name):
         fig.tight_layout()
         path = out / name
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": the legends beside the axes
         plt.close(fig)
         written.append(path)
 
@@ -135,8 +157,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     if not pts:
         ax.text(0.5, 0.5, "no finite loss logged", ha="center", va="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    _legend_outside(ax)
     save(fig, "loss.png")
 
     # Learning rate
@@ -146,24 +167,30 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
         ax.plot(*zip(*lr), color="tab:green")
     if warmup:
         ax.axvline(warmup, color="grey", ls="--", lw=1, label=f"end of warmup ({warmup} steps)")
-        ax.legend()
+        _legend_outside(ax)
     ax.set(xlabel="step", ylabel="learning rate", title=f"learning rate per step (linear warmup, then poly decay)\n{title}")
     ax.grid(alpha=0.3)
     save(fig, "lr.png")
 
     # mIoU per epoch
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ev = [(e["epoch"] + 1, e.get("val_miou"), e.get("val_pixel_accuracy")) for e in epochs
-          if e.get("val_miou") is not None]
+    ev = [(e["epoch"], e.get("val_mean_iou", e.get("val_miou")), e.get("val_pixel_accuracy")) for e in epochs
+          if e.get("val_mean_iou", e.get("val_miou")) is not None]
     if ev:
+        from matplotlib.ticker import MaxNLocator
+
         ex, miou, pacc = zip(*ev)
         ax.plot(ex, miou, "o-", color="tab:purple", label="val mIoU")
         ax.plot(ex, pacc, "s--", color="tab:grey", alpha=0.7, label="val pixel accuracy")
         best = max(range(len(miou)), key=lambda i: miou[i])
-        ax.annotate(f"best {miou[best]:.3f}", (ex[best], miou[best]), textcoords="offset points",
-                    xytext=(0, -16), ha="center", color="tab:purple")
-        ax.set_xticks(list(ex) if len(ex) <= 20 else ax.get_xticks())
-        ax.legend(loc="lower right")
+        # The best epoch is a star whose value is in the legend: a text label beside the point would
+        # cover the line or fall off the corner.
+        ax.plot([ex[best]], [miou[best]], "*", ms=16, color="gold", mec="black", zorder=4,
+                label=f"best mIoU {miou[best]:.3f} (epoch {ex[best]})")
+        last = max(ex)
+        ax.set_xlim(min(ex) - 0.5, last + 0.5)  # only the epochs of the run
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(last, 12)))
+        _legend_outside(ax)
     else:
         ax.text(0.5, 0.5, "no evaluation logged yet", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlabel="epoch", ylabel="score", ylim=(0, 1.05), title=f"validation mIoU and pixel accuracy per epoch\n{title}")
@@ -187,7 +214,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
         if cx:
             ax.scatter(cx, cy, s=8, color="tab:red", zorder=3, label=f"clipped steps ({n_clipped})")
         ax.set_yscale("log")
-        _plain_log_ticks(ax.yaxis)
+        shown = [v for v in ny] + ([max_norm] if max_norm and clip_mode != "none" else [])
+        _plain_log_ticks(ax.yaxis, min(shown), max(shown))
     else:
         ax.text(0.5, 0.5, f"no finite gradient norm logged ({len(steps)} steps, all skipped or non-finite)",
                 ha="center", va="center", transform=ax.transAxes)
@@ -198,8 +226,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
            title=f"gradient norm before clipping, {mode}: {100 * share:.1f}% of {finite_steps} steps "
                  f"clipped{no_norm_text}\n{title}")
     ax.grid(alpha=0.3, which="both")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right")
+    _legend_outside(ax)
     save(fig, "grad_norm.png")
 
     # Histogram and suggestion: only with at least one finite norm
@@ -211,16 +238,23 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
         why = (f"no max_norm suggested and grad_norm_hist.png not drawn: no finite gradient norm was logged "
                f"({len(steps)} steps, all skipped or non-finite).")
 
-    # Timing
+    # Timing: medians, because the first steps (allocation, warm-up, compilation) and evaluation
+    # pauses make the mean describe no typical step.
+    import statistics
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    means = [sum(_finite(r.get(f"t_{p}")) or 0.0 for r in steps) / len(steps) * 1e3 for p in PHASES]
-    total = sum(means)
-    bars = ax.bar(PHASES, means, color=["tab:grey", "tab:blue", "tab:orange", "tab:red", "tab:green"])
-    for b, m in zip(bars, means):
-        ax.annotate(f"{m:.1f} ms\n{100 * m / total:.1f}%" if total else "", (b.get_x() + b.get_width() / 2, m),
+    per_phase = {p: [_finite(r.get(f"t_{p}")) or 0.0 for r in steps] for p in PHASES}
+    medians = [statistics.median(per_phase[p]) * 1e3 for p in PHASES]
+    totals = [sum(per_phase[p][i] for p in PHASES) * 1e3 for i in range(len(steps))]
+    median_step, mean_step = statistics.median(totals), statistics.fmean(totals)
+    shown = sum(medians)
+    bars = ax.bar(PHASES, medians, color=["tab:grey", "tab:blue", "tab:orange", "tab:red", "tab:green"])
+    for b, m in zip(bars, medians):
+        ax.annotate(f"{m:.1f} ms\n{100 * m / shown:.1f}%" if shown else "", (b.get_x() + b.get_width() / 2, m),
                     textcoords="offset points", xytext=(0, 2), ha="center", fontsize=8)
-    ax.set(ylabel="ms per step (mean)", title=f"time per step: {total:.0f} ms, clip={clip_mode}\n{title}")
-    ax.set_ylim(0, max(means) * 1.25 if total else 1)
+    ax.set(ylabel="ms per step (median)",
+           title=f"time per step: median {median_step:.0f} ms (mean {mean_step:.0f} ms), clip={clip_mode}\n{title}")
+    ax.set_ylim(0, max(medians) * 1.25 if shown else 1)
     ax.grid(alpha=0.3, axis="y")
     save(fig, "timing.png")
 
@@ -233,8 +267,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
             clip_note = f" The max_norm used ({max_norm:g}) never clipped: it guards only against bigger spikes."
         else:
             clip_note = f" The max_norm used ({max_norm:g}) clipped {100 * share:.1f}% of steps."
-    log(why + clip_note + (" Norms change with the learning rate, batch size and model: re-check after "
-                           "changing them." if values else ""))
+    import textwrap
+
+    log(textwrap.fill(why + clip_note + (" Norms change with the learning rate, batch size and model: "
+                                         "re-check after changing them." if values else ""), width=100))
     return written
 
 
@@ -246,7 +282,7 @@ def _histogram(plt, save, values: list[float], steps: list[int], warmup: int, pe
 
     n_warm = sum(1 for s in steps if s <= warmup)  # finite norms logged during warmup
     suggestion, median, why = suggest_max_norm(values, percentile, skip=n_warm)
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, ax = plt.subplots(figsize=(10, 4.8))  # the legend goes beside the axes
     lo, hi = max(min(values), 1e-12), max(values)
     bins = np.geomspace(lo, hi * 1.0001, 40) if hi > lo * 1.01 else 20
     n_warm = n_warm if len(values) - n_warm >= 20 else 0
@@ -257,16 +293,20 @@ def _histogram(plt, save, values: list[float], steps: list[int], warmup: int, pe
         ax.hist(values, bins=bins, color="tab:blue", alpha=0.75)
     if isinstance(bins, np.ndarray):
         ax.set_xscale("log")
-        _plain_log_ticks(ax.xaxis)
+        marks = [suggestion, median] + ([max_norm] if max_norm and clip_mode != "none" else [])
+        _plain_log_ticks(ax.xaxis, min(lo, *marks), max(hi, *marks))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # step counts: whole numbers
     ax.axvline(suggestion, color="tab:green", lw=2, label=f"suggested max_norm {suggestion:.3g} "
-               f"(p{percentile:g} after warmup)")
-    ax.axvline(median, color="grey", ls=":", lw=1.5, label=f"median {median:.3g} (after warmup)")
+               f"(p{percentile:g}{' after warmup' if n_warm else ', all steps'})")
+    ax.axvline(median, color="grey", ls=":", lw=1.5, label=f"median {median:.3g}{' (after warmup)' if n_warm else ''}")
     if max_norm is not None and clip_mode != "none":
         ax.axvline(max_norm, color="black", ls="--", lw=1.2,
                    label=f"max_norm used {max_norm:g} ({100 * share:.1f}% clipped)")
     ax.set(xlabel="total gradient norm before clipping (log scale)", ylabel="steps",
            title=f"observed gradient norms ({len(values)} steps{f', {no_norm} without a finite norm' if no_norm else ''}): how to choose max_norm\n{title}")
-    ax.legend(loc="upper right", fontsize=8)
+    _legend_outside(ax)
     ax.grid(alpha=0.3)
     save(fig, "grad_norm_hist.png")
     return why

@@ -184,23 +184,45 @@ def read_image(path: Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
+EXIT_SKIPPED = 1  # some inputs could not be read: the others were written
+
+
 def run(args) -> int:
+    """Writes the mask and overlay of every input image. An image that cannot be read is skipped
+    with a warning, the others are written, and the summary counts the skipped ones; the exit
+    status is then 1 (0 when every image was written)."""
+    import sys
+
     from .distributed import pick_device
+    from .palette import class_names
 
     device = pick_device(args.device)
     out = Path(args.out).expanduser()
     plan = plan_outputs(collect_images(args.images, exclude=out), out)
     model, ck = load_model(args.checkpoint, device)
+    names = class_names(int(ck.get("num_classes") or 21))
     size = args.size if args.size is not None else ck.get("eval_size", 520)
-    written = 0
+    written, skipped = 0, []
     for path, mask_path, overlay_path in plan:
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except DataError as exc:
+            skipped.append(path)
+            print(f"segclip predict: warning: skipping {path}: {str(exc).removeprefix(f'cannot read image {path}: ')}",
+                  file=sys.stderr)
+            continue
         mask = predict_mask(model, image, size or None, device, args.void_below)
         mask_path.parent.mkdir(parents=True, exist_ok=True)
         colourise(mask).save(mask_path)
         overlay(image, mask, args.alpha).save(overlay_path)
-        written += 2
-        classes = sorted(int(c) for c in np.unique(mask))
-        print(f"{path} -> {mask_path}, {overlay_path}  (classes {classes})")
-    print(f"wrote {written} files into {out}")
+        written += 1
+        present = [names[c] if c < len(names) else ("void" if c == VOID else str(c))
+                   for c in sorted(int(c) for c in np.unique(mask))]
+        print(f"{path} -> {mask_path}, {overlay_path}  (classes: {', '.join(present)})")
+    summary = f"wrote masks and overlays of {written} image{'s' if written != 1 else ''} into {out}"
+    if skipped:
+        print(f"{summary}; skipped {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''} "
+              f"(warnings above)", file=sys.stderr)
+        return EXIT_SKIPPED
+    print(summary)
     return 0

@@ -84,15 +84,16 @@ class RunLog:
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
 
-    def truncate_after(self, last_epoch: int) -> None:
-        """On resume: drops the records of epochs after ``last_epoch`` (a killed run's partial epoch
-        is replayed, and must not be logged twice)."""
+    def truncate_after(self, epochs_done: int, steps_done: int) -> None:
+        """On resume: keeps the records of the first ``epochs_done`` epochs and ``steps_done`` steps
+        (what the checkpoint holds), and drops the rest: the steps a killed run made after its
+        checkpoint are replayed, and must not be logged twice. (Epochs count from 1 in the logs.)"""
         if not self.enabled:
             return
-        for name in (STEPS, EPOCHS):
+        for name, key, done in ((STEPS, "step", steps_done), (EPOCHS, "epoch", epochs_done)):
             path = self.dir / name
             if path.exists():
-                kept = [r for r in read_jsonl(path) if r.get("epoch", -1) <= last_epoch]
+                kept = [r for r in read_jsonl(path) if r.get(key, math.inf) <= done]
                 write_text_atomic(path, "".join(json.dumps(_clean(r)) + "\n" for r in kept))
 
     def step(self, record: dict) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ import torch
 from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
 from .data import DataError, absolute_path, open_split, eval_loader, resolve_data, train_loader
-from .engine import NonFiniteStop, StepConfig, TrainState, train_one_epoch
+from .engine import EpochSummary, NonFiniteStop, StepConfig, TrainState, train_one_epoch
+from .interrupt import StopSignal, exit_status
 from .evaluate import evaluate
 from .metrics import format_table
 from .models import build_model, load_weights
@@ -33,7 +35,7 @@ from .runlog import CONFIG, EPOCHS, METRICS, STEPS, RunLog, default_run_dir
 from .transforms import eval_transforms, train_transforms
 
 CHECKPOINT_FORMAT = "segclip-train-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: ``position`` (a mid-epoch checkpoint); version 1 files load as epoch ends
 EXIT_NONFINITE = 3
 
 
@@ -147,11 +149,15 @@ def check_run_folder(args: argparse.Namespace) -> list[str]:
 
 def make_checkpoint(model, optimizer, scheduler, scaler, epoch: int, state: TrainState, best_miou,
                     metrics_summary: dict | None, args, rng_states: list, world: int,
-                    stopped: str | None = None) -> dict:
+                    stopped: str | None = None, position: dict | None = None) -> dict:
     """Everything a resume needs; only tensors and plain values (loads with weights_only=True).
-    ``stopped``: why the run stopped mid-epoch (such a file is for inspection, not for resuming)."""
+    ``stopped``: why the run stopped mid-epoch (such a file is for inspection, not for resuming).
+    ``position``: for a run interrupted in the middle of epoch ``epoch + 1`` (see
+    segclip.train.interrupt), ``{"epoch": 0-based epoch, "iter": steps done in it, "batch_size",
+    "world_size", "summary": the partial EpochSummary}``; a resume continues with the next step."""
     return {
         "stopped": stopped,
+        "position": position,
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
         "model_name": args.model, "num_classes": args.num_classes,
         "crop_size": args.crop_size_resolved, "eval_size": args.eval_size_resolved,
@@ -194,6 +200,42 @@ def _metric_summary(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("pixel_accuracy", "mean_iou", "iou")}
 
 
+def _nonfinite_stop(exc: NonFiniteStop, run_dir: Path, checkpoint: dict, is_main: bool, runlog) -> int:
+    """Writes ``nonfinite.pt`` (for inspection) and says, in one message, what to change."""
+    path = run_dir / "nonfinite.pt"
+    runlog.close()
+    if not is_main:
+        return EXIT_NONFINITE
+    ckpt_io.atomic_save(checkpoint, path)
+    last = run_dir / "last.pt"
+    kept = (f"{last} holds the last saved state (resume with --resume {last})" if last.exists()
+            else "no epoch was completed, so there is no last.pt to resume from")
+    print(f"segclip train: error: {exc}. The weights at this point are in {path} (for inspection); {kept}. "
+          f"Lower --lr, enable clipping (--clip fused) or lower --max-norm, or check the data.", file=sys.stderr)
+    return EXIT_NONFINITE
+
+
+def _interrupted(exc: BaseException, stop: StopSignal, summary, epoch: int, state, run_dir: Path, runlog,
+                 info, save_position) -> int:
+    """The end of a run stopped by SIGINT/SIGTERM: last.pt at the current step when the state is
+    consistent (between steps: always, unless a second Ctrl-C broke into a step), then one line."""
+    signum = stop.signum or getattr(exc, "signum", None) or signal.SIGINT
+    runlog.close()
+    last = run_dir / "last.pt"
+    if summary is not None and not stop.in_step:
+        stop.signum = signum
+        save_position(epoch, summary)
+        note = " (saved at this step)"
+    elif last.exists():
+        note = " (inside a step: the steps since the last save are lost)"
+    else:
+        note = " (inside a step, before the first save: nothing to resume)"
+    if info.is_main:
+        resume = f"; resume with: segclip train --resume {last}" if last.exists() else ""
+        print(f"segclip train: interrupted at epoch {epoch + 1} step {state.step}{note}{resume}", file=sys.stderr)
+    return exit_status(signum)
+
+
 def run(args: argparse.Namespace) -> int:
     info, device = dist_utils.setup(args.device)
     try:
@@ -221,8 +263,17 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     if args.clip != "none" and args.max_norm == 0:
         log("warning: --max-norm 0 scales every gradient to zero: the weights change only through "
             "weight decay; give a positive --max-norm, or --clip none")
+    position = None
     if resume is not None:
         done = int(resume["epoch"]) + 1
+        position = resume.get("position")
+        if position is not None and (position["batch_size"] != args.batch_size
+                                     or position["world_size"] != info.world):
+            raise ValueError(f"--resume: {args.resume} was interrupted in the middle of epoch "
+                             f"{position['epoch'] + 1} with --batch-size {position['batch_size']} on "
+                             f"{position['world_size']} process(es); resume it with the same batch size "
+                             f"and number of processes (this run: --batch-size {args.batch_size}, "
+                             f"{info.world}), and change them once that epoch has ended")
         if done >= args.epochs:  # before anything is read or written
             log(f"nothing left to train ({done} epoch{'s' if done != 1 else ''} done, --epochs "
                 f"{args.epochs}); the run folder is left as it is. Give a larger --epochs to train on.")
@@ -281,7 +332,7 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     cfg = StepConfig(device=device, clip=args.clip, max_norm=args.max_norm, norm_type=args.norm_type,
                      amp=amp, sync_timing=args.sync_timing, max_nonfinite=args.max_nonfinite)
     state = TrainState()
-    start_epoch, best_miou = 0, None
+    start_epoch, start_iter, partial, best_miou = 0, 0, None, None
 
     # Run folder (rank 0 picks the name; every rank agrees on it)
     run_dir = Path(args.out) if args.out else (Path(args.resume).parent if args.resume else None)
@@ -301,7 +352,11 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
         if note:
             log(note)
         start_epoch = int(resume["epoch"]) + 1
-        note = load_schedule(scheduler, optimizer, resume["scheduler"], start_epoch * iters_per_epoch)
+        if position is not None:
+            start_epoch, start_iter = int(position["epoch"]), int(position["iter"])
+            partial = EpochSummary.from_state(position["summary"])
+        note = load_schedule(scheduler, optimizer, resume["scheduler"],
+                             start_epoch * iters_per_epoch + start_iter)
         if note:
             log(note)
         scaler.load_state_dict(resume["scaler"])
@@ -315,8 +370,11 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
             log(f"note: the checkpoint was written by {resume.get('world_size')} processes, this run has "
                 f"{info.world}; RNG states are reseeded, so this run will not replay the original exactly")
             seed_everything(args.seed + start_epoch * 1000 + info.rank)
-        runlog.truncate_after(start_epoch - 1)
-        log(f"resumed from {args.resume}: epoch {start_epoch} of {args.epochs}, step {state.step}")
+        runlog.truncate_after(int(resume["epoch"]) + 1, state.step)
+        where = (f"in epoch {start_epoch + 1} after its step {start_iter} of {iters_per_epoch}"
+                 if position is not None else f"at epoch {start_epoch + 1}")
+        log(f"resumed from {args.resume}: {start_epoch} of {args.epochs} epochs done; continuing {where} "
+            f"(step {state.step + 1})")
 
     runlog.write(CONFIG, {
         "args": plain_args(args), "device": str(device), "world_size": info.world,
@@ -328,78 +386,115 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     })
     log(f"{args.model} on {device}{f' x{info.world} (DDP)' if info.enabled else ''}: "
         f"{len(train_set)} train / {len(val_set)} val images from {loc.voc_dir}, crop {crop}, "
-        f"{iters_per_epoch} steps/epoch, {args.optimizer} ({opt_impl}), clip={args.clip} "
-        f"max_norm={args.max_norm}, amp={'off' if not amp else cfg.amp_dtype}; run folder {run_dir}")
+        f"{iters_per_epoch} steps/epoch, {args.optimizer} ({opt_impl}), clip={args.clip}"
+        f"{f' max_norm={args.max_norm:g}' if args.clip != 'none' else ''} norm_type={args.norm_type:g}, "
+        f"amp={'off' if not amp else cfg.amp_dtype}; run folder {run_dir}")
 
     hang_at = int(os.environ.get("SEGCLIP_TEST_HANG_AT_STEP", "0") or 0)
+    stop = StopSignal()
 
     def on_step(record: dict) -> None:
         runlog.step(record)
-        if hang_at and record["step"] == hang_at:  # test hook: wait here to be killed
+        if hang_at and record["step"] == hang_at:  # test hook: wait here to be killed or interrupted
             runlog.close()
-            while True:
-                time.sleep(1)
+            while not stop.requested:
+                time.sleep(0.05)
+
+    def save_position(epoch: int, summary) -> Path:
+        """last.pt at the current step of ``epoch`` (0-based; ``summary``: its partial record)."""
+        rngs = dist_utils.gather_objects(ckpt_io.rng_state())
+        path = run_dir / "last.pt"
+        if info.is_main:
+            ckpt_io.atomic_save(make_checkpoint(
+                model, optimizer, scheduler, scaler, epoch - 1, state, best_miou, None, args, rngs,
+                info.world, position={"epoch": epoch, "iter": summary.steps, "batch_size": args.batch_size,
+                                      "world_size": info.world, "summary": summary.state()}), path)
+        return path
 
     metrics = None
     warned_foreground = False
     show = info.is_main and not args.no_progress
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        bar = _progress(show, iters_per_epoch, f"epoch {epoch + 1}/{args.epochs}")
-        try:
-            summary = train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, state,
-                                      on_step=on_step, progress=bar)
-        except NonFiniteStop as exc:
-            if bar is not None:
-                bar.close()
-            path = run_dir / "nonfinite.pt"
-            rngs = dist_utils.gather_objects(ckpt_io.rng_state())
-            if info.is_main:
-                ckpt_io.atomic_save(make_checkpoint(model, optimizer, scheduler, scaler, epoch - 1, state,
-                                                    best_miou, None, args, rngs, info.world,
-                                                    stopped="non-finite loss or gradient norm"), path)
-            runlog.close()
-            log(f"error: {exc}.\nThe weights at this point are in {path}; the last completed epoch is in "
-                f"{run_dir / 'last.pt'} (resume with --resume). Lower --lr, enable clipping (--clip fused) "
-                f"or lower --max-norm, or check the data.")
-            return EXIT_NONFINITE
-        if bar is not None:
-            bar.close()
-        if summary.foreground_pixels == 0 and not warned_foreground:
-            warned_foreground = True
-            log(f"warning: epoch {epoch + 1}'s training masks hold no pixel of any class 1..{args.num_classes - 1}, "
-                f"only background (0) and void ({VOID}, ignored by the loss and the metrics): the model "
-                f"learns nothing but background. If the masks store the foreground as 255 (binary 0/255 "
-                f"masks), write it as 1 (255 means void in VOC masks).")
+
+    def end_epoch(epoch: int, summary: EpochSummary) -> tuple:
+        """Evaluation, the epoch's record and checkpoints; returns ``(metrics, best_miou, improved)``
+        without changing the loop's variables, so an interruption here leaves them as they were
+        before the epoch's end (a resume then evaluates again)."""
         record = summary.to_dict()
         record["lr"] = optimizer.param_groups[0]["lr"]
         last = epoch == args.epochs - 1
+        new_metrics, new_best, improved = metrics, best_miou, False
         if last or (epoch + 1) % args.eval_every == 0:
-            metrics = evaluate(model, val_loader, args.num_classes, device, amp, names)
-            record.update(val_miou=metrics["mean_iou"], val_pixel_accuracy=metrics["pixel_accuracy"],
-                          val_iou=metrics["iou"])
-            improved = metrics["mean_iou"] is not None and (best_miou is None or metrics["mean_iou"] > best_miou)
+            new_metrics = evaluate(model, val_loader, args.num_classes, device, amp, names)
+            record.update(val_mean_iou=new_metrics["mean_iou"], val_pixel_accuracy=new_metrics["pixel_accuracy"],
+                          val_iou=new_metrics["iou"])
+            improved = new_metrics["mean_iou"] is not None and (best_miou is None or new_metrics["mean_iou"] > best_miou)
             if improved:
-                best_miou = metrics["mean_iou"]
-        else:
-            improved = False
-        record["best_miou"] = best_miou
+                new_best = new_metrics["mean_iou"]
+        record["best_mean_iou"] = new_best
         record["skipped_total"] = state.skipped_total
-        runlog.epoch(record)
         rngs = dist_utils.gather_objects(ckpt_io.rng_state())
         if info.is_main:
-            ck = make_checkpoint(model, optimizer, scheduler, scaler, epoch, state, best_miou,
-                                 _metric_summary(metrics) if metrics else None, args, rngs, info.world)
+            ck = make_checkpoint(model, optimizer, scheduler, scaler, epoch, state, new_best,
+                                 _metric_summary(new_metrics) if new_metrics else None, args, rngs, info.world)
             ckpt_io.atomic_save(ck, run_dir / "last.pt")
             if improved:
                 ckpt_io.atomic_save(ck, run_dir / "best.pt")
+        runlog.epoch(record)  # after last.pt: a resume from the previous last.pt drops it again
         clipped = record["clipped_share"]
-        miou_txt = f"val mIoU {record['val_miou']:.4f}" if "val_miou" in record and record["val_miou"] is not None else ""
+        miou_txt = f"val mIoU {record['val_mean_iou']:.4f}" if record.get("val_mean_iou") is not None else ""
         log(f"epoch {epoch + 1}/{args.epochs}: loss {record['train_loss'] if record['train_loss'] is not None else float('nan'):.4f}, "
             f"{record['images_per_second'] or 0:.1f} img/s, clipped {100 * (clipped or 0):.0f}% of steps"
             f"{f', skipped {summary.skipped}' if summary.skipped else ''}"
             f"{', ' + miou_txt if miou_txt else ''}{' (best)' if improved else ''}")
+        return new_metrics, new_best, improved
+
+    epoch, summary = start_epoch, None
+    with stop:
+        try:
+            for epoch in range(start_epoch, args.epochs):
+                loader.sampler.set_epoch(epoch)
+                train_set.set_epoch(epoch)
+                skip = start_iter if epoch == start_epoch else 0
+                summary = partial if (epoch == start_epoch and partial is not None) else EpochSummary(epoch)
+                loader.sampler.start = skip * args.batch_size
+                bar = _progress(show, iters_per_epoch, f"epoch {epoch + 1}/{args.epochs}")
+                if bar is not None and skip:
+                    bar.update(skip)
+                stop.deferring = True  # a signal waits for the end of the step (see interrupt.py)
+                try:
+                    train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, state,
+                                    on_step=on_step, progress=bar, stop=stop, summary=summary, start_iter=skip)
+                except NonFiniteStop as exc:
+                    stop.deferring = False
+                    if bar is not None:
+                        bar.close()
+                    return _nonfinite_stop(exc, run_dir, make_checkpoint(
+                        model, optimizer, scheduler, scaler, epoch - 1, state, best_miou, None, args,
+                        dist_utils.gather_objects(ckpt_io.rng_state()), info.world,
+                        stopped="non-finite loss or gradient norm"), info.is_main, runlog)
+                finally:
+                    loader.sampler.start = 0
+                stop.deferring = False
+                if bar is not None:
+                    bar.close()
+                if summary.stopped:
+                    raise KeyboardInterrupt  # a signal during the epoch: handled below
+                if summary.foreground_pixels == 0 and not warned_foreground:
+                    warned_foreground = True
+                    log(f"warning: epoch {epoch + 1}'s training masks hold no pixel of any class 1..{args.num_classes - 1}, "
+                        f"only background (0) and void ({VOID}, ignored by the loss and the metrics): the model "
+                        f"learns nothing but background. If the masks store the foreground as 255 (binary 0/255 "
+                        f"masks), write it as 1 (255 means void in VOC masks).")
+                metrics, best_miou, _ = end_epoch(epoch, summary)
+                summary = None  # the epoch is saved: an interruption now has nothing new to save
+        except KeyboardInterrupt as exc:
+            return _interrupted(exc, stop, summary, epoch, state, run_dir, runlog, info, save_position)
+        except RuntimeError as exc:
+            if not stop.requested:
+                raise
+            # A SIGTERM sent to the whole process group also ended a loader worker ("DataLoader
+            # worker ... killed by signal"): that is this interruption, not an error of its own.
+            return _interrupted(exc, stop, summary, epoch, state, run_dir, runlog, info, save_position)
     runlog.close()
     dist_utils.barrier()
 
