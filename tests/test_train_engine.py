@@ -195,3 +195,27 @@ def test_binary_0_255_masks_give_a_warning(tmp_path, capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "warning: epoch 1's training masks hold no pixel of any class 1..1" in out and "binary 0/255" in out
+
+
+def test_compile_channels_last_and_amp_train_with_the_fused_clip(tmp_path, capsys, monkeypatch):
+    # aot_eager: dynamo's graph capture and AOT autograd, as inductor gets them, without inductor's
+    # C++ code generation (minutes on 2 cores); the trainer's wiring is what is tested here.
+    from segclip.cli import main
+
+    monkeypatch.setenv("SEGCLIP_COMPILE_BACKEND", "aot_eager")
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", *TINY, "--epochs", "1", "--compile", "--channels-last", "--amp", "--clip", "fused",
+                     "--no-plot", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    text = capsys.readouterr().out
+    assert "torch.compile: the first step took" in text
+    import json
+    epoch = json.loads((out / "epochs.jsonl").read_text().splitlines()[0])
+    assert epoch["compile_seconds"] > 0 and epoch["images_per_second"] > 0
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])  # loads into a plain model
+    assert ck["args"]["compile"] and ck["args"]["channels_last"]

@@ -44,8 +44,10 @@ def test_plot_writes_png_charts(run_dir, capsys):
         assert str(path) in out
     # Norms after warmup are 11..100 (90 values); numpy's linear 95th percentile of them is
     # 11 + 0.95 * 89 = 95.55. The median is 55.5.
-    assert "suggested max_norm = 95.5" in out and "median 55.5" in out
-    assert "clipped 10.0% of steps" in out
+    text = " ".join(out.split())  # the paragraph is wrapped
+    assert "suggested max_norm = 95.5" in text and "median 55.5" in text
+    assert "clipped 10.0% of steps" in text
+    assert all(len(line) <= 100 for line in out.splitlines() if not line.startswith("/"))
 
 
 def test_suggestion_by_hand():

@@ -108,7 +108,10 @@ def _add_data_options(p: argparse.ArgumentParser, for_eval: bool = False):
                    help="where the synthetic dataset is generated (None: $SEGCLIP_CACHE, else "
                         "$XDG_CACHE_HOME/segclip, else ~/.cache/segclip)")
     g.add_argument("--workers", type=int, default=0 if for_eval else 2, check=at_least(0),
-                   help="DataLoader worker processes per rank (0: load in the main process)")
+                   help="DataLoader worker processes per rank (0: load in the main process); they "
+                        "persist across epochs")
+    g.add_argument("--prefetch-factor", type=int, default=2, check=at_least(1),
+                   help="batches each loader worker prepares ahead (with --workers > 0)")
     return g
 
 
@@ -171,6 +174,13 @@ def _register_train(sub) -> None:
                    help="poly decay: lr * (1 - progress) ** power")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU")
+    g = p.add_argument_group("speed")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="model and input batches in channels_last memory format (faster convolutions "
+                        "on most CPUs and on GPUs with tensor cores)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (forward and backward; the clip stays segclip's op); the "
+                        "first step's compilation time is reported apart")
     g = p.add_argument_group("gradient clipping")
     g.add_argument("--clip", default="fused", choices=CLIP_MODES,
                    help="fused: segclip.fused_clip_; torch: torch.nn.utils.clip_grad_norm_; none: only "

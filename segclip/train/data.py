@@ -228,13 +228,17 @@ class SegmentationSet(Dataset):
         with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
             return dict(zip(indices, pool.map(self._scan_one, indices)))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``index`` of the epoch set by :meth:`set_epoch`, or ``(epoch, index)`` (what
+        :class:`ResumableSampler` yields, so persistent loader workers, which keep the dataset copy
+        they started with, still augment each epoch differently)."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         image, mask = self.load(index)
         if self.seed is None:
             image, mask = self.transforms(image, mask)
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+                torch.manual_seed(sample_seed(self.seed, epoch, index))
                 image, mask = self.transforms(image, mask)
         return image, mask
 
@@ -315,21 +319,33 @@ def open_split(loc: VOCLocation, split: str, transforms, num_classes: int,
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` whose epoch can start after its first ``start`` indices (a resume in
     the middle of an epoch: the batches already trained are not loaded again). The order is the
-    epoch's usual one, so the remaining batches are those the uninterrupted run would see."""
+    epoch's usual one, so the remaining batches are those the uninterrupted run would see. It
+    yields ``(epoch, index)`` pairs (see :meth:`SegmentationSet.__getitem__`)."""
 
     start = 0
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
+        epoch = self.epoch
+        return ((epoch, i) for i in itertools.islice(super().__iter__(), self.start, None))
 
     def __len__(self) -> int:
         return super().__len__() - self.start
 
 
+def _worker_options(workers: int, prefetch_factor: int | None) -> dict:
+    """DataLoader settings for ``workers`` processes: persistent (not started again every epoch),
+    ``prefetch_factor`` batches each in flight, Ctrl-C left to the main process."""
+    if not workers:
+        return {}
+    return {"persistent_workers": True, "prefetch_factor": prefetch_factor or 2,
+            "worker_init_fn": ignore_in_worker}
+
+
 def train_loader(dataset: SegmentationSet, batch_size: int, workers: int, seed: int, rank: int = 0,
-                 world: int = 1, pin_memory: bool = False) -> DataLoader:
+                 world: int = 1, pin_memory: bool = False, prefetch_factor: int | None = None) -> DataLoader:
     """Shuffled (``DistributedSampler`` seeded with ``seed``; call ``loader.sampler.set_epoch(e)``
-    and ``dataset.set_epoch(e)`` before each epoch), dropping the last incomplete batch."""
+    before each epoch), dropping the last incomplete batch. ``pin_memory``: page-locked batches
+    (CUDA: faster, asynchronous copies); see :func:`_worker_options` for the rest."""
     per_rank = len(dataset) // world
     if per_rank < batch_size:
         raise DataError(f"the training split has {len(dataset)} images: {per_rank} per process, fewer "
@@ -338,7 +354,7 @@ def train_loader(dataset: SegmentationSet, batch_size: int, workers: int, seed: 
                                drop_last=True)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=pad_collate, drop_last=True, pin_memory=pin_memory,
-                      persistent_workers=False, worker_init_fn=ignore_in_worker if workers else None)
+                      **_worker_options(workers, prefetch_factor))
 
 
 def transformed_size(transforms, size: tuple[int, int]) -> tuple[int, int]:
@@ -375,7 +391,7 @@ class SameSizeBatches(Sampler[list[int]]):
 
 
 def eval_loader(dataset: SegmentationSet, batch_size: int, workers: int, rank: int = 0, world: int = 1,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, prefetch_factor: int | None = None) -> DataLoader:
     """This rank's shard (:class:`ShardSampler`) in batches of images of the same size after the
     evaluation transform (:class:`SameSizeBatches`). Checks the masks of the whole split first
     (:meth:`SegmentationSet.scan`, on every rank: a bad mask in another rank's shard stops every
@@ -390,7 +406,7 @@ def eval_loader(dataset: SegmentationSet, batch_size: int, workers: int, rank: i
     sizes = {i: memo[raw[i]] for i in indices}
     batches = SameSizeBatches(indices, sizes, batch_size)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=pad_collate,
-                      pin_memory=pin_memory, worker_init_fn=ignore_in_worker if workers else None)
+                      pin_memory=pin_memory, **_worker_options(workers, prefetch_factor))
 
 
 def absolute_path(path) -> str | None:

@@ -53,6 +53,7 @@ class StepConfig:
     amp: bool = False
     sync_timing: bool = False
     max_nonfinite: int = 20
+    channels_last: bool = False  # input batches in channels_last (the model is converted by the caller)
 
     @property
     def amp_dtype(self) -> torch.dtype:
@@ -157,7 +158,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     for it, (images, masks) in enumerate(loader, start=start_iter):
         if stop is not None:
             stop.in_step = True  # until the step's end the weights, optimizer and schedule disagree
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True,
+                           memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         masks = masks.to(device, non_blocking=True)
         sync()
         times = {}

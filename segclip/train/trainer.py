@@ -31,7 +31,7 @@ from .metrics import format_table
 from .models import build_model, load_weights
 from .optim import build_optimizer, build_scheduler, load_schedule
 from .palette import VOID, class_names
-from .runlog import CONFIG, EPOCHS, METRICS, STEPS, RunLog, default_run_dir
+from .runlog import CONFIG, EPOCHS, METRICS, PHASES, STEPS, RunLog, default_run_dir
 from .transforms import eval_transforms, train_transforms
 
 CHECKPOINT_FORMAT = "segclip-train-checkpoint"
@@ -302,9 +302,10 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
                            args.num_classes, seed=args.seed)
     val_set = open_split(loc, args.val_split, eval_transforms(eval_size), args.num_classes)
     pin = device.type == "cuda"
-    loader = train_loader(train_set, args.batch_size, args.workers, args.seed, info.rank, info.world, pin)
+    loader = train_loader(train_set, args.batch_size, args.workers, args.seed, info.rank, info.world, pin,
+                          args.prefetch_factor)
     val_loader = eval_loader(val_set, args.eval_batch_size or args.batch_size, args.workers, info.rank,
-                             info.world, pin)
+                             info.world, pin, args.prefetch_factor)
 
     # Model, optimizer, schedule
     model = build_model(args.model, args.num_classes, args.aux_loss, args.bn_momentum)
@@ -315,10 +316,16 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             log(f"note: --sync-bn ignored: torch's SyncBatchNorm runs only on CUDA, this run is on {device.type}")
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     if info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        # The model (forward and backward, DDP's buckets included); the loss, the clip (segclip's
+        # ops) and the optimizer stay eager. Evaluation runs the eager module (dist_utils.unwrap),
+        # so its other image sizes cause no recompilation. SEGCLIP_COMPILE_BACKEND (a debugging and
+        # test hook) picks another torch.compile backend, e.g. aot_eager.
+        model = torch.compile(model, backend=os.environ.get("SEGCLIP_COMPILE_BACKEND") or "inductor")
     # Same initial weights on every rank (DDP also broadcasts rank 0's); from here on each rank
     # draws its own random numbers (dropout).
     seed_everything(args.seed + info.rank)
@@ -330,7 +337,8 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     amp = bool(args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     cfg = StepConfig(device=device, clip=args.clip, max_norm=args.max_norm, norm_type=args.norm_type,
-                     amp=amp, sync_timing=args.sync_timing, max_nonfinite=args.max_nonfinite)
+                     amp=amp, sync_timing=args.sync_timing, max_nonfinite=args.max_nonfinite,
+                     channels_last=args.channels_last)
     state = TrainState()
     start_epoch, start_iter, partial, best_miou = 0, 0, None, None
 
@@ -393,8 +401,15 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     hang_at = int(os.environ.get("SEGCLIP_TEST_HANG_AT_STEP", "0") or 0)
     stop = StopSignal()
 
+    compile_step: dict = {}  # the first step of this process when compiling: {"epoch", "seconds", "images"}
+
     def on_step(record: dict) -> None:
         runlog.step(record)
+        if args.compile and not compile_step:
+            seconds = sum(record[f"t_{p}"] for p in PHASES)
+            compile_step.update(epoch=record["epoch"] - 1, seconds=seconds, images=record["batch"] * info.world)
+            log(f"torch.compile: the first step took {seconds:.1f} s, compilation included; it is reported "
+                f"apart (compile_seconds in epochs.jsonl), not in the epoch's img/s")
         if hang_at and record["step"] == hang_at:  # test hook: wait here to be killed or interrupted
             runlog.close()
             while not stop.requested:
@@ -421,6 +436,10 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
         before the epoch's end (a resume then evaluates again)."""
         record = summary.to_dict()
         record["lr"] = optimizer.param_groups[0]["lr"]
+        if compile_step.get("epoch") == epoch:
+            record["compile_seconds"] = compile_step["seconds"]
+            rest = summary.seconds - compile_step["seconds"]
+            record["images_per_second"] = (summary.images - compile_step["images"]) / rest if rest > 0 else None
         last = epoch == args.epochs - 1
         new_metrics, new_best, improved = metrics, best_miou, False
         if last or (epoch + 1) % args.eval_every == 0:
