@@ -69,3 +69,26 @@ def test_bad_arguments_are_one_line_errors_before_the_run(argv, message, tmp_pat
     last = err.splitlines()[-1]
     assert "Traceback" not in err and err.count("error:") == 1
     assert last.startswith("bench_train.py: error: ") and message.replace("AFILE", str(afile)) in last
+
+
+def test_train_speed_suite_smoke(tmp_path, monkeypatch, capsys):
+    # Every implementation (the plain loop, the trainer with its options on and off) runs and is
+    # reported against the plain loop; aot_eager spares inductor's code generation.
+    from segclip.bench import main as bench_main
+
+    monkeypatch.setenv("SEGCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SEGCLIP_COMPILE_BACKEND", "aot_eager")
+    try:
+        assert bench_main(["--suite", "train_speed", "--models", "lraspp_mobilenet_v3_large", "--size", "16",
+                           "--batch-size", "2", "--steps", "1", "--warmup", "1", "--rounds", "1",
+                           "--device", "cpu", "--no-plot", "--out", str(tmp_path)]) == 0
+    finally:
+        torch._dynamo.reset()
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["suite"] == "train_speed"
+    assert [r["impl"] for r in report["records"]] == ["plain", "trainer", "trainer-own", "channels-last",
+                                                      "compile", "best"]
+    for r in report["records"]:
+        assert r["images_per_s"] == pytest.approx(2 / r["median_s"], rel=1e-3) and r["first_step_s"] > 0
+    out = capsys.readouterr().out
+    assert "trainer vs plain" in out and "load average" in out

@@ -186,9 +186,11 @@ def test_resume_after_sigkill_sigint_or_sigterm_mid_epoch_matches_an_uninterrupt
         else:  # one line, the exit status of the signal, and last.pt at the step it stopped after
             assert procs[name].returncode == 128 + sig, err
             epoch = 1 + (step - 1) // 4
-            assert err == (f"segclip train: interrupted at epoch {epoch} step {step} (saved at this step); "
-                           f"resume with: segclip train --resume {last}\n")
-            assert "Traceback" not in out
+            # (torch's own "No CUDA runtime is found" import warning may come first: not segclip's line)
+            assert [ln for ln in err.splitlines() if "cpp_extension.py" not in ln] == [
+                f"segclip train: interrupted at epoch {epoch} step {step} (saved at this step); "
+                f"resume with: segclip train --resume {last}"]
+            assert "Traceback" not in out + err
             assert left["train_state"]["step"] == step and left["epoch"] == epoch - 2
             assert left["position"]["epoch"] == epoch - 1 and left["position"]["iter"] == step - 4 * (epoch - 1)
     assert full.wait(timeout=120) == 0, full.communicate()

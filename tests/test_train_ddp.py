@@ -48,3 +48,23 @@ def test_torchrun_two_cpu_processes(tmp_path):
     alone = json.loads((tmp_path / "single.json").read_text())
     assert alone["confusion_matrix"] == metrics["confusion_matrix"]
     assert alone["mean_iou"] == metrics["mean_iou"]
+
+
+def test_a_bad_data_file_under_torchrun_gives_one_line_from_segclip(tmp_path):
+    # The rank whose shard holds the bad image prints the error; the other one's collective then
+    # fails and it exits quietly with the same status (no gloo traceback). torchrun adds its own
+    # summary of the failed processes, which is not segclip's to change.
+    cache = tmp_path / "cache"
+    voc = tiny_voc(cache, num_train=16, num_val=4, size=32)
+    d = voc / "VOCdevkit" / "VOC2012"
+    name = (d / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[3]
+    (d / "JPEGImages" / f"{name}.jpg").write_bytes(b"\x00" * 10)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "segclip", "train", *TINY, "--data", str(voc), "--epochs", "1", "--crop-size", "32",
+           "--eval-size", "32", "--no-plot", "--out", str(tmp_path / "run")]
+    r = subprocess.run(cmd, cwd=REPO, env=env(cache), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    ours = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("segclip train:")]
+    assert len(ours) == 1 and f"cannot read {d / 'JPEGImages' / f'{name}.jpg'}" in ours[0], r.stderr[-3000:]
+    assert "gloo" not in r.stderr and "Connection closed" not in r.stderr
+    assert r.stderr.count("exitcode  : 2") == 2  # both processes: status 2, no crash

@@ -63,7 +63,26 @@ def _guarded(command: str, func, parser: argparse.ArgumentParser):
                 raise
             print(f"segclip {command}: error: {_clean_message(exc)}", file=sys.stderr)
             return 2
+        except RuntimeError as exc:
+            if not _lost_peer(exc) or os.environ.get("SEGCLIP_TRACEBACK", "0") == "1":
+                raise
+            # NOTE: under torchrun, a process that stops with a clear error (a bad data file in its
+            # shard) makes the others' next collective fail; their gloo/NCCL tracebacks would bury
+            # that one line, so they exit quietly with the same status.
+            return 2
     return wrapper
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process of the group ended."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:  # torchrun's; the group may be destroyed by now
+        return False
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "[gloo]",
+                                  "gloo/transport", "NCCL communicator was aborted"))
 
 
 def _lazy_run(module: str):
