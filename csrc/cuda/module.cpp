@@ -4,14 +4,25 @@
 // chunk and launch boundaries (see note: [CUDA chunking and launches]).
 #include <Python.h>
 
-#include "multi_tensor_apply.cuh"
+#include "multi_tensor_kernels.h"
 
 extern "C" PyObject* PyInit__C_cuda(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   using namespace segclip::cuda;
+  // See note: [kernel argument space]: the tables' layout is chosen per translation unit from
+  // CUDART_VERSION; the launchers (nvcc) and this file (the host compiler) must agree on it.
+  if (kernel_param_bytes() != kKernelParamBytes) {
+    PyErr_Format(PyExc_ImportError,
+                 "segclip._C_cuda: the kernels were compiled for %d bytes of kernel arguments, the host side for "
+                 "%d (different CUDA headers?); rebuild with one toolkit",
+                 kernel_param_bytes(), kKernelParamBytes);
+    Py_DECREF(module);
+    return nullptr;
+  }
   if (PyModule_AddIntConstant(module, "CHUNK_ELEMS", static_cast<long>(kChunkElems)) < 0 ||
+      PyModule_AddIntConstant(module, "KERNEL_PARAM_BYTES", kKernelParamBytes) < 0 ||
       PyModule_AddIntConstant(module, "MAX_TENSORS_PER_LAUNCH", kMaxTensors) < 0 ||
       PyModule_AddIntConstant(module, "MAX_BLOCKS_PER_LAUNCH", kMaxBlocks) < 0 ||
       PyModule_AddIntConstant(module, "BLOCK_THREADS", kBlockThreads) < 0) {

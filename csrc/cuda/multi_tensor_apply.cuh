@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -21,6 +23,30 @@
 #define SEGCLIP_UNROLL
 #endif
 
+// NOTE: [kernel argument space]
+// A kernel's parameters are limited to 4 KiB, or to 32 KiB with CUDA >= 12.1 on Volta and newer when
+// the driver is >= 530. Like torch's MultiTensorApply.cuh, the 32 KiB tables are compiled in only
+// for CUDA >= 13 (CUDART_VERSION >= 13000): a driver that runs CUDA 13 code supports 32 KiB, and
+// CUDA 13 has no pre-Volta target, so no run-time check (and no second set of kernels) is needed;
+// older toolkits keep the 4 KiB tables. The choice is made once per build, from CUDART_VERSION,
+// which every file including this header sees the same (the header includes cuda_runtime_api.h
+// itself when the toolkit's headers are on the include path). The host-only tests in
+// csrc/cuda/test/ set SEGCLIP_KERNEL_PARAM_BYTES to 4096 or 32768 on the command line and run the
+// chunking in both layouts. module.cpp checks at import that the kernels (nvcc) and the host side
+// were compiled with the same layout (kernel_param_bytes()).
+#if !defined(SEGCLIP_KERNEL_PARAM_BYTES)
+#if defined(__has_include)
+#if __has_include(<cuda_runtime_api.h>)
+#include <cuda_runtime_api.h>
+#endif
+#endif
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 13000
+#define SEGCLIP_KERNEL_PARAM_BYTES 32768
+#else
+#define SEGCLIP_KERNEL_PARAM_BYTES 4096
+#endif
+#endif
+
 namespace segclip {
 namespace cuda {
 
@@ -31,7 +57,8 @@ namespace cuda {
 // graph captures it with the kernel node):
 //   * a tensor table of up to kMaxTensors entries (address, element count, dtype, first block), and
 //   * a block table of up to kMaxBlocks entries: blockIdx.x -> tensor table index. A block's chunk
-//     within its tensor is blockIdx.x - first_block[tensor], so the block table needs one byte.
+//     within its tensor is blockIdx.x - first_block[tensor], so the block table holds only the
+//     tensor index (one byte for up to 256 tensors, else two).
 // The host walks the list in order and adds each tensor's chunks; when either table is full the
 // launch goes out and a new one starts. A tensor whose chunks do not all fit is cut at a chunk
 // boundary: its entry in the next launch starts at the first chunk not yet launched (the address is
@@ -40,16 +67,24 @@ namespace cuda {
 // last launch goes out after the loop whenever it holds any block, so an empty tensor at the end
 // never drops the final launch. Addresses, element counts and offsets are 64-bit throughout
 // (a tensor of more than 2^31 elements works); only indices inside one chunk are 32-bit.
-// Table sizes: 19 bytes per tensor entry, 1 per block entry, within the 4 KiB of kernel arguments.
-// 100 tensors keep a model of up to 200 parameter tensors (the torchvision segmentation models,
-// BERT-base) at two launches per op; 2048 blocks (512 MiB of float32 per launch) keep large lists at
-// few launches (2 GiB: 4), since every launch boundary drains and refills the GPU.
+// Per-launch limits (tensor table entries; block table entries = blocks), chosen at compile time
+// from the kernel-argument space the toolkit guarantees, see note: [kernel argument space]:
+//   32 KiB layout (CUDA >= 13): 1024 tensors, 6144 blocks (384M elements, 1.5 GiB of float32);
+//       19 bytes per tensor entry, 2 per block entry (a uint16 tensor index): 31,744 bytes. Every
+//       torchvision segmentation model (<= 200 parameter tensors; deeplabv3_resnet50's 39.6M
+//       elements are about 700 chunks) and most LLMs (LLaMA-70B: 723 tensors) take one launch per
+//       pass. (torch's foreach kernels take 770 tensors and 2240 blocks in this space.)
+//   4 KiB layout (older toolkits): 100 tensors, 2048 blocks (512 MiB of float32); 19 bytes per
+//       tensor entry, 1 per block entry (a uint8 tensor index): 3,948 bytes. A model of up to 200
+//       parameter tensors takes two launches per pass; 2 GiB of float32, four.
+// Every launch boundary drains and refills the GPU, besides the host's launch cost.
 // Blocks are numbered across launches in list order (launch k's first block is the number of
 // blocks launched before it): the norm writes block b's partial to slot b,
 // see note: [last-block reduction].
 constexpr int64_t kChunkElems = int64_t{1} << 16;  // elements per chunk (a multiple of every vector width)
-constexpr int kMaxTensors = 100;                   // tensor table entries per launch (block table holds uint8)
-constexpr int kMaxBlocks = 2048;                   // block table entries (= blocks) per launch
+constexpr int kKernelParamBytes = SEGCLIP_KERNEL_PARAM_BYTES;
+constexpr int kMaxTensors = kKernelParamBytes >= 32768 ? 1024 : 100;  // tensor table entries per launch
+constexpr int kMaxBlocks = kKernelParamBytes >= 32768 ? 6144 : 2048;  // block table entries (= blocks) per launch
 constexpr int kBlockThreads = 512;                 // threads per block
 constexpr int kILP = 4;                            // independent 16-byte loads (and accumulators) per thread
 constexpr int kVecBytes = 16;                      // bytes per vectorised load/store
@@ -74,22 +109,27 @@ struct TensorPiece {
   DType dtype;
 };
 
+// The block table's entry: a tensor table index.
+using TensorIndex = std::conditional_t<(kMaxTensors <= 256), uint8_t, uint16_t>;
+
 struct TensorListMeta {
-  void* ptr[kMaxTensors];             // address of the entry's first chunk in this launch
-  int64_t numel[kMaxTensors];         // elements from ptr to the tensor's end
-  uint16_t first_block[kMaxTensors];  // block processing the entry's first chunk
+  void* ptr[kMaxTensors];                // address of the entry's first chunk in this launch
+  int64_t numel[kMaxTensors];            // elements from ptr to the tensor's end
+  uint16_t first_block[kMaxTensors];     // block processing the entry's first chunk
   DType dtype[kMaxTensors];
-  uint8_t block_tensor[kMaxBlocks];   // block -> tensor table index
+  TensorIndex block_tensor[kMaxBlocks];  // block -> tensor table index
 };
 
-static_assert(kMaxTensors <= 256, "block_tensor holds a tensor index in one byte");
+static_assert(kMaxTensors - 1 <= std::numeric_limits<TensorIndex>::max(), "block_tensor holds every tensor index");
 static_assert(kMaxBlocks <= 65535, "first_block holds a block index in 16 bits");
 static_assert(kChunkElems % (kVecBytes / 2) == 0, "a chunk keeps every vector width's alignment");
 static_assert(kChunkElems <= (int64_t{1} << 30), "in-chunk indices are 32-bit");
-// Kernel parameters are limited to 4 KiB (32 KiB only with CUDA >= 12.1 on Volta and newer; we stay
-// under 4 KiB everywhere); the kernels' other arguments fit in kMaxExtraParamBytes.
+// The kernels' other arguments fit in kMaxExtraParamBytes (each kernel's own static_assert), so the
+// table plus them stays within the kernel-argument space, see note: [kernel argument space].
 constexpr int kMaxExtraParamBytes = 128;
-static_assert(sizeof(TensorListMeta) + kMaxExtraParamBytes <= 4096, "kernel arguments exceed 4 KiB");
+static_assert(kKernelParamBytes == 4096 || kKernelParamBytes == 32768, "SEGCLIP_KERNEL_PARAM_BYTES: 4096 or 32768");
+static_assert(sizeof(TensorListMeta) + kMaxExtraParamBytes <= kKernelParamBytes,
+              "kernel arguments exceed their space");
 
 inline int64_t num_chunks(int64_t numel) { return (numel + kChunkElems - 1) / kChunkElems; }
 
@@ -124,12 +164,35 @@ void multi_tensor_apply(const std::vector<TensorPiece>& pieces, Launch&& launch)
       meta.numel[n_tensors] = piece.numel - offset;
       meta.first_block[n_tensors] = static_cast<uint16_t>(n_blocks);
       meta.dtype[n_tensors] = piece.dtype;
-      for (int64_t b = 0; b < take; ++b) meta.block_tensor[n_blocks++] = static_cast<uint8_t>(n_tensors);
+      for (int64_t b = 0; b < take; ++b) meta.block_tensor[n_blocks++] = static_cast<TensorIndex>(n_tensors);
       ++n_tensors;
       done += take;
     }
   }
   if (n_blocks > 0) flush();  // after the loop: trailing empty tensors cannot drop it
+}
+
+// multi_tensor_apply's launches, last first: the same tables, in reverse order. For a pass that
+// should start where the previous pass over the same list ended (see note: [scale in reverse]). A
+// list that takes one launch (the common case) is not copied.
+template <typename Launch>
+void multi_tensor_apply_reversed(const std::vector<TensorPiece>& pieces, Launch&& launch) {
+  int64_t entries = 0;  // tensor table entries if nothing were cut
+  for (const TensorPiece& p : pieces) entries += p.numel > 0 ? 1 : 0;
+  if (entries <= kMaxTensors && count_blocks(pieces) <= kMaxBlocks) {
+    multi_tensor_apply(pieces, launch);
+    return;
+  }
+  struct Pending {
+    TensorListMeta meta;
+    int n_blocks;
+    int64_t first_block;
+  };
+  std::vector<Pending> pending;
+  multi_tensor_apply(pieces, [&](const TensorListMeta& meta, int n_blocks, int64_t first_block) {
+    pending.push_back({meta, n_blocks, first_block});
+  });
+  for (auto it = pending.rbegin(); it != pending.rend(); ++it) launch(it->meta, it->n_blocks, it->first_block);
 }
 
 // The chunk of block `block` of a launch (blockIdx.x in the kernels; host and device code, so the

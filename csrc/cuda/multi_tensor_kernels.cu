@@ -128,9 +128,11 @@ __device__ __forceinline__ void finalize(const NormParams& p) {
 // The norm needs every block's partial before it can finish, without a host synchronisation and
 // without a second pass over the data. Each block writes its partial (a double, see block_partial)
 // to slot first_block + blockIdx.x of one buffer that spans all launches of the call, makes it
-// visible device-wide (__threadfence), then increments a counter. The block that brings the counter
-// to total_blocks is the last one: every other partial is visible to it, and it combines all slots
-// (finalize) and writes the norm and the coefficient. Launches of one call run in stream order, so the last block is in the last launch,
+// visible device-wide (__threadfence, the release), then increments a counter (a relaxed atomicAdd).
+// The block that brings the counter to total_blocks is the last one: its thread 0 fences again right
+// after the atomic (the acquire: a fence after the read that observed every other block's release),
+// so every other partial is visible to it and, after __syncthreads, to its whole block; it combines
+// all slots (finalize) and writes the norm and the coefficient. Launches of one call run in stream order, so the last block is in the last launch,
 // and the final step runs once per call whatever the number of launches.
 // The counter and the slots come from the caching allocator per call (the counter zeroed by a
 // cudaMemsetAsync on the same stream): no state survives a call, concurrent calls on different
@@ -144,13 +146,15 @@ __global__ void __launch_bounds__(kBlockThreads, kNormMinBlocksPerSm) norm_kerne
     const double partial = block_partial<K>(meta);
     if (threadIdx.x == 0) {
       p.partials[p.first_block + blockIdx.x] = partial;
-      __threadfence();  // the partial is visible device-wide before the count says so
-      const unsigned int done_before = atomicAdd(p.counter, 1u);
+      __threadfence();  // release: the partial is visible device-wide before the count says so
+      const unsigned int done_before = atomicAdd(p.counter, 1u);  // relaxed
       is_last = done_before == static_cast<unsigned int>(p.total_blocks - 1);
+      // Acquire, in the thread that observed the count: with the other blocks' release fences, every
+      // partial counted is visible to this thread, and through the barrier below to its whole block.
+      if (is_last) __threadfence();
     }
     __syncthreads();  // also separates block_partial's and finalize's use of shared memory
     if (!is_last) return;
-    __threadfence();  // acquire: read the other blocks' partials after seeing the count
   }
   finalize<K>(p);
 }
@@ -172,11 +176,19 @@ __device__ __forceinline__ double load_coef(const void* coef, DType dtype) {
 // launch costs a few microseconds. NaN is not >= 1, so a NaN coefficient scales (to NaN), as torch.
 // The coefficient is read exactly (as double); tensors multiply by it converted to their op-math
 // type: double for double tensors, float otherwise.
+//
+// NOTE: [scale in reverse]
+// The scale usually follows the norm over the same list, which read it front to back: the end of the
+// list is what is left in L2 (up to 50 MB on an H100/H200). So the scale walks the list back to front:
+// its launches go out last table first (multi_tensor_apply_reversed), and block b of a launch takes
+// the launch's chunk n_blocks - 1 - b (blocks are dispatched roughly in blockIdx order). Its first
+// reads then hit L2 instead of HBM. Each chunk is still scaled once, by one block, with the same
+// arithmetic: only the order changes. (On the CPU a backward scale measured no gain: not done there.)
 __global__ void __launch_bounds__(kBlockThreads, kScaleMinBlocksPerSm) scale_kernel(const TensorListMeta meta, const void* coef,
                                                               DType coef_dtype) {
   const double c = load_coef(coef, coef_dtype);
   if (c >= 1.0) return;
-  const BlockChunk ch = block_chunk(meta, blockIdx.x);
+  const BlockChunk ch = block_chunk(meta, gridDim.x - 1 - blockIdx.x);  // see note: [scale in reverse]
   switch (ch.dtype) {
     case DType::kHalf: scale_chunk<HalfT>(ch.ptr, ch.len, static_cast<float>(c), threadIdx.x); return;
     case DType::kBFloat16: scale_chunk<BFloat16T>(ch.ptr, ch.len, static_cast<float>(c), threadIdx.x); return;
@@ -221,6 +233,8 @@ void launch_norm(const std::vector<TensorPiece>& pieces, NormParams p, cudaStrea
 
 }  // namespace
 
+int kernel_param_bytes() { return kKernelParamBytes; }
+
 void launch_multi_tensor_norm(NormKind kind, const std::vector<TensorPiece>& pieces, void* scratch,
                               void* norm_out, void* coef_out, double max_norm, bool out_double,
                               cudaStream_t stream) {
@@ -243,7 +257,7 @@ void launch_multi_tensor_norm(NormKind kind, const std::vector<TensorPiece>& pie
 
 void launch_multi_tensor_scale(const std::vector<TensorPiece>& pieces, const void* coef, DType coef_dtype,
                                cudaStream_t stream) {
-  multi_tensor_apply(pieces, [&](const TensorListMeta& meta, int n_blocks, int64_t /*first_block*/) {
+  multi_tensor_apply_reversed(pieces, [&](const TensorListMeta& meta, int n_blocks, int64_t /*first_block*/) {
     scale_kernel<<<n_blocks, kBlockThreads, 0, stream>>>(meta, coef, coef_dtype);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -15,6 +15,9 @@ namespace cuda {
 
 enum class NormKind { kL1, kL2, kLinf };
 
+// kKernelParamBytes as nvcc saw it when compiling the kernels, see note: [kernel argument space].
+int kernel_param_bytes();
+
 // Bytes of device scratch launch_multi_tensor_norm needs for total_blocks blocks: a counter, then
 // one double per block. See note: [last-block reduction].
 constexpr int64_t kScratchHeaderBytes = 16;

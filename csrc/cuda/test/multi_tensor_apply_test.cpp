@@ -1,8 +1,10 @@
 // Host-only test of the multi-tensor apply's chunking (csrc/cuda/multi_tensor_apply.cuh): the launch
 // tables, block_chunk, VecSplit and the strided scale's indexing are the exact functions the kernels use, run here without a GPU
-// on fake addresses (nothing is dereferenced). Built and run by tests/test_cuda.py:
-//   c++ -std=c++17 -O1 -Wall -Werror -I csrc/cuda csrc/cuda/test/multi_tensor_apply_test.cpp
-// Not part of the extension (setup.py only compiles csrc/cuda/*.cpp). Prints "OK <cases>" on success.
+// on fake addresses (nothing is dereferenced). Built and run by tests/test_cuda.py once per table
+// layout (see note: [kernel argument space]):
+//   c++ -std=c++17 -O1 -Wall -Werror -DSEGCLIP_KERNEL_PARAM_BYTES=32768 -I csrc/cuda
+//       csrc/cuda/test/multi_tensor_apply_test.cpp       (and again with =4096)
+// Not part of the extension (setup.py only compiles csrc/cuda/*.cpp). Prints "OK <cases> ..." on success.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -91,6 +93,45 @@ void check_apply(const std::vector<Spec>& specs, const char* name) {
          (long long)expected_blocks);
 }
 
+// multi_tensor_apply_reversed: the launches of multi_tensor_apply, last first, each with the same
+// blocks and chunks (so reversing inside each launch too, as the scale kernel does, visits every
+// chunk once).
+void check_reversed(const std::vector<Spec>& specs, const char* name) {
+  std::vector<TensorPiece> pieces;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const uintptr_t b = (uintptr_t{1} << 44) + (uintptr_t{i} << 40) +
+                        static_cast<uintptr_t>(specs[i].misalign_elems * elem_size(specs[i].dtype));
+    pieces.push_back({reinterpret_cast<void*>(b), specs[i].numel, specs[i].dtype});
+  }
+  struct Launch {
+    int64_t first_block;
+    std::vector<uintptr_t> chunk_ptrs;
+    std::vector<int> chunk_lens;
+  };
+  auto record = [](std::vector<Launch>& out) {
+    return [&out](const TensorListMeta& meta, int n_blocks, int64_t first_block) {
+      Launch l{first_block, {}, {}};
+      for (int b = 0; b < n_blocks; ++b) {
+        const BlockChunk c = block_chunk(meta, b);
+        l.chunk_ptrs.push_back(reinterpret_cast<uintptr_t>(c.ptr));
+        l.chunk_lens.push_back(c.len);
+      }
+      out.push_back(std::move(l));
+    };
+  };
+  std::vector<Launch> forward, backward;
+  multi_tensor_apply(pieces, record(forward));
+  multi_tensor_apply_reversed(pieces, record(backward));
+  EXPECT(forward.size() == backward.size(), "%s: %zu launches forward, %zu reversed", name, forward.size(),
+         backward.size());
+  for (size_t k = 0; k < forward.size() && k < backward.size(); ++k) {
+    const Launch& f = forward[forward.size() - 1 - k];
+    const Launch& r = backward[k];
+    EXPECT(f.first_block == r.first_block && f.chunk_ptrs == r.chunk_ptrs && f.chunk_lens == r.chunk_lens,
+           "%s: reversed launch %zu differs from forward launch %zu", name, k, forward.size() - 1 - k);
+  }
+}
+
 void check_vec_split() {
   for (int es : {2, 4, 8}) {
     const int per_vec = kVecBytes / es;
@@ -169,6 +210,7 @@ int main() {
   const int64_t C = kChunkElems;
   auto run = [&](const std::vector<Spec>& specs, const char* name) {
     check_apply(specs, name);
+    check_reversed(specs, name);
     ++cases;
   };
   run({}, "empty list");
@@ -194,9 +236,15 @@ int main() {
   }
   {
     std::vector<Spec> specs;  // > kMaxTensors tensors, > kMaxBlocks chunks, a tensor spanning 3 launches
-    for (int i = 0; i < 300; ++i) specs.push_back({(i % 7 == 0) ? 0 : (i * 977) % (3 * C), DType(i % 4), i % 8});
-    specs.insert(specs.begin() + 150, {3 * kMaxBlocks * C + 17, DType::kBFloat16, 1});
+    const int n = 3 * kMaxTensors;
+    for (int i = 0; i < n; ++i) specs.push_back({(i % 7 == 0) ? 0 : (i * 977) % (3 * C), DType(i % 4), i % 8});
+    specs.insert(specs.begin() + n / 2, {3 * kMaxBlocks * C + 17, DType::kBFloat16, 1});
     run(specs, "many tensors, several launches");
+  }
+  {
+    std::vector<Spec> specs;  // the tensor table fills before the block table, several times over
+    for (int i = 0; i < 2 * kMaxTensors + 3; ++i) specs.push_back({1 + i % 5, DType(i % 4), i % 3});
+    run(specs, "small tensors: the tensor table fills first");
   }
   // More than 2^31 elements: 64-bit offsets.
   run({{(int64_t{1} << 31) + 7, DType::kBFloat16, 0}}, "2^31 + 7 bfloat16");
@@ -219,6 +267,7 @@ int main() {
       specs.push_back({numel, DType(rng() % 4), static_cast<int>(rng() % 8)});
     }
     check_apply(specs, "random");
+    if (trial % 10 == 0) check_reversed(specs, "random");
     ++cases;
   }
   check_vec_split();
@@ -229,6 +278,7 @@ int main() {
     std::fprintf(stderr, "FAILED: %d checks\n", g_failures);
     return 1;
   }
-  std::printf("OK %d\n", cases);
+  std::printf("OK %d cases; %d-byte layout: %d tensors, %d blocks per launch, table %zu bytes\n", cases,
+              kKernelParamBytes, kMaxTensors, kMaxBlocks, sizeof(TensorListMeta));
   return 0;
 }
