@@ -36,6 +36,13 @@
 //      unless ||g|| < m (then nothing is written). NaN in a unit's weight or gradient makes that
 //      unit's gradient NaN, as in timm. Units are computed as rows of a contiguous layout: tensors
 //      that are not contiguous go through a packed copy (and are written back when a unit clips).
+//  * multi_tensor_clip_(tensors, norm_type, max_norm) -> (Tensor norm, Tensor coef)
+//      multi_tensor_norm_coef followed by multi_tensor_scale_ with its coefficient, in one call: the
+//      list is converted and checked once, and every refusal of either op is made before anything
+//      is written. The same norm, coefficient and scaled values as the two calls, bitwise, on each
+//      device (the CUDA kernel queues the memset, the norm launches and the scale launches, which
+//      read the coefficient on the device; nothing is written when it is >= 1). Returns the norm
+//      and the coefficient (new tensors, aliasing no input).
 #include <Python.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -53,14 +60,15 @@ TORCH_LIBRARY(segclip, m) {
   m.def("multi_tensor_clip_value_(Tensor(a!)[] tensors, float clip_value) -> ()");
   m.def("multi_tensor_adaptive_clip_(Tensor[] weights, Tensor(a!)[] grads, float clip_factor, float eps, "
         "float norm_type) -> ()");
+  m.def("multi_tensor_clip_(Tensor(a!)[] tensors, float norm_type, float max_norm) -> (Tensor, Tensor)");
 }
 
 // NOTE: [version counter]
 // An in-place op must bump the version counter of what it mutates, as mul_ does: autograd then
 // refuses a saved tensor that was changed since (a gradient kept by create_graph=True and scaled
 // afterwards makes backward raise instead of giving a wrong gradient). torch's fallbacks for ops
-// without an autograd kernel bump the versions of mutated *returns* only; this op returns nothing.
-// So, as for torch's own in-place ops:
+// without an autograd kernel bump the versions of mutated *returns* only; the in-place ops return
+// nothing that aliases their list. So, as for torch's own in-place ops:
 //  * Autograd: refuses a tensor that requires grad while grad mode is on (the op has no
 //    derivative), then redispatches (the autograd keys are off under torch.inference_mode).
 //  * ADInplaceOrView: runs the kernel, then bumps the version of every tensor that has one (not
@@ -68,24 +76,82 @@ TORCH_LIBRARY(segclip, m) {
 //    bumps it in torch too. This key stays on under torch.inference_mode for normal tensors.
 //  * The kernels refuse an inference tensor outside torch.inference_mode (csrc/inplace_checks.h):
 //    a list of nothing but inference tensors reaches neither key above.
+//
+// NOTE: [autograd kernels]
+// Every op has an Autograd kernel, so none goes through torch's boxed autograd fallback (a boxed
+// call that re-reads the whole argument stack, and which would attach a grad_fn to the norm that
+// only warns at backward time). None of the ops has a derivative: each kernel refuses a tensor
+// that requires grad while grad mode is on (segclip calls them under torch.no_grad()), then
+// redispatches below autograd. The norms are not views and write nothing, so they need no
+// ADInplaceOrView kernel (the key falls through).
 namespace {
 
-using ScaleFn = void(at::TensorList, const at::Tensor&);
+void refuse_requires_grad(at::TensorList tensors, const char* op) {
+  if (!c10::GradMode::is_enabled()) return;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(!(tensors[i].defined() && tensors[i].requires_grad()), op, ": tensors[", i,
+                "] requires grad and grad mode is on; the op is not differentiable: call it under torch.no_grad()");
+  }
+}
 
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+using NormFn = at::Tensor(at::TensorList, double);
+using NormCoefFn = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, double);
+using ScaleFn = void(at::TensorList, const at::Tensor&);
+using ClipFn = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, double);
+
+// One cached handle per op (looked up on first use, after the TORCH_LIBRARY block has run).
+const c10::TypedOperatorHandle<NormFn>& norm_op() {
+  static const auto op = find_op<NormFn>("segclip::multi_tensor_norm");
+  return op;
+}
+const c10::TypedOperatorHandle<NormCoefFn>& norm_coef_op() {
+  static const auto op = find_op<NormCoefFn>("segclip::multi_tensor_norm_coef");
+  return op;
+}
 const c10::TypedOperatorHandle<ScaleFn>& scale_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("segclip::multi_tensor_scale_", "").typed<ScaleFn>();
+  static const auto op = find_op<ScaleFn>("segclip::multi_tensor_scale_");
+  return op;
+}
+const c10::TypedOperatorHandle<ClipFn>& clip_op() {
+  static const auto op = find_op<ClipFn>("segclip::multi_tensor_clip_");
   return op;
 }
 
+at::Tensor multi_tensor_norm_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double norm_type) {
+  refuse_requires_grad(tensors, "segclip::multi_tensor_norm");
+  at::AutoDispatchBelowAutograd guard;
+  return norm_op().redispatch(ks & c10::after_autograd_keyset, tensors, norm_type);
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_coef_autograd(c10::DispatchKeySet ks, at::TensorList tensors,
+                                                                   double norm_type, double max_norm) {
+  refuse_requires_grad(tensors, "segclip::multi_tensor_norm_coef");
+  at::AutoDispatchBelowAutograd guard;
+  return norm_coef_op().redispatch(ks & c10::after_autograd_keyset, tensors, norm_type, max_norm);
+}
+
 void multi_tensor_scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(!(c10::GradMode::is_enabled() && tensors[i].defined() && tensors[i].requires_grad()),
-                "segclip::multi_tensor_scale_: tensors[", i,
-                "] requires grad and grad mode is on; the op is not differentiable: call it under torch.no_grad()");
-  }
+  refuse_requires_grad(tensors, "segclip::multi_tensor_scale_");
   at::AutoDispatchBelowAutograd guard;
   scale_op().redispatch(ks & c10::after_autograd_keyset, tensors, coef);
+}
+
+void bump_versions(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_clip_autograd(c10::DispatchKeySet ks, at::TensorList tensors,
+                                                              double norm_type, double max_norm) {
+  refuse_requires_grad(tensors, "segclip::multi_tensor_clip_");
+  at::AutoDispatchBelowAutograd guard;
+  return clip_op().redispatch(ks & c10::after_autograd_keyset, tensors, norm_type, max_norm);
 }
 
 void multi_tensor_scale_inplace(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {
@@ -93,15 +159,32 @@ void multi_tensor_scale_inplace(c10::DispatchKeySet ks, at::TensorList tensors, 
     at::AutoDispatchBelowADInplaceOrView guard;
     scale_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, coef);
   }
-  for (const at::Tensor& t : tensors) {
-    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  bump_versions(tensors);
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_clip_inplace(c10::DispatchKeySet ks, at::TensorList tensors,
+                                                             double norm_type, double max_norm) {
+  std::tuple<at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = clip_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, norm_type, max_norm);
   }
+  bump_versions(tensors);
+  return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segclip, Autograd, m) { m.impl("multi_tensor_scale_", &multi_tensor_scale_autograd); }
-TORCH_LIBRARY_IMPL(segclip, ADInplaceOrView, m) { m.impl("multi_tensor_scale_", &multi_tensor_scale_inplace); }
+TORCH_LIBRARY_IMPL(segclip, Autograd, m) {
+  m.impl("multi_tensor_norm", &multi_tensor_norm_autograd);
+  m.impl("multi_tensor_norm_coef", &multi_tensor_norm_coef_autograd);
+  m.impl("multi_tensor_scale_", &multi_tensor_scale_autograd);
+  m.impl("multi_tensor_clip_", &multi_tensor_clip_autograd);
+}
+TORCH_LIBRARY_IMPL(segclip, ADInplaceOrView, m) {
+  m.impl("multi_tensor_scale_", &multi_tensor_scale_inplace);
+  m.impl("multi_tensor_clip_", &multi_tensor_clip_inplace);
+}
 
 // Sparse tensors: no kernel takes them (segclip.fused_clip_ sends sparse gradients through PyTorch).
 // Without these, a list holding one would get the dispatcher's "Could not run ... with arguments
@@ -128,6 +211,11 @@ std::tuple<at::Tensor, at::Tensor> norm_coef_sparse(at::TensorList tensors, doub
 
 void scale_sparse(at::TensorList tensors, const at::Tensor&) { refuse_sparse(tensors, "segclip::multi_tensor_scale_"); }
 
+std::tuple<at::Tensor, at::Tensor> clip_sparse(at::TensorList tensors, double, double) {
+  refuse_sparse(tensors, "segclip::multi_tensor_clip_");
+  return {};
+}
+
 }  // namespace
 
 #define SEGCLIP_REFUSE_SPARSE(key)                         \
@@ -135,6 +223,7 @@ void scale_sparse(at::TensorList tensors, const at::Tensor&) { refuse_sparse(ten
     m.impl("multi_tensor_norm", &norm_sparse);             \
     m.impl("multi_tensor_norm_coef", &norm_coef_sparse);   \
     m.impl("multi_tensor_scale_", &scale_sparse);          \
+    m.impl("multi_tensor_clip_", &clip_sparse);            \
   }
 SEGCLIP_REFUSE_SPARSE(SparseCPU)
 SEGCLIP_REFUSE_SPARSE(SparseCUDA)

@@ -53,3 +53,9 @@ if _ext.CPU_LOADED:
         if grads:
             _check_devices(list(weights) + list(grads), "segclip::multi_tensor_adaptive_clip_")
         return None
+
+    @torch.library.register_fake("segclip::multi_tensor_clip_")
+    def _multi_tensor_clip_fake(tensors, norm_type, max_norm):
+        _check_devices(tensors, "segclip::multi_tensor_clip_")
+        dtype = _norm_dtype(tensors)
+        return tensors[0].new_empty((), dtype=dtype), tensors[0].new_empty((), dtype=dtype)

@@ -170,9 +170,9 @@ def _check_finite(total: Tensor, norm_type: float) -> None:
 
 
 def _general_norm(grads: list[Tensor], norm_type: float, max_norm: float | None, error_if_nonfinite: bool,
-                  backend: str) -> tuple[list[_Group], Tensor, Tensor | None]:
-    """Plans the groups, then takes the total norm (and coefficient) over all of them."""
-    groups = _plan(grads, backend)
+                  backend: str, groups: list[_Group] | None = None) -> tuple[list[_Group], Tensor, Tensor | None]:
+    """Plans the groups (unless given), then takes the total norm (and coefficient) over all of them."""
+    groups = _plan(grads, backend) if groups is None else groups
     dtype = norm_math.accumulate_dtype(g.dtype for g in grads)
     total, coef = _norm_and_coef(groups, norm_type, max_norm, grads[0].device, dtype)
     if error_if_nonfinite:
@@ -186,14 +186,17 @@ def _empty_norm() -> Tensor:
 
 def _fast_clip(params: list, max_norm: float, norm_type: float, error_if_nonfinite: bool,
                backend: str) -> Tensor | None:
-    """The common case in two op calls, or None when the general path must decide.
+    """The common case in one op call (two with ``error_if_nonfinite``), or None when the general
+    path must decide.
 
     NOTE: [fast path]
     Per-gradient checks and grouping in Python cost about 1 us per gradient, as much as the whole
     norm pass of a small model. When every gradient sits on one device and the kernel takes them
     all, the op's own argument checks (device, dtype, layout of each tensor, in C++) are the only
-    ones needed. If they refuse the list (mixed devices, sparse or complex gradients, ...), nothing
-    has been written yet, and the general path groups, routes or raises a precise error.
+    ones needed. ``multi_tensor_clip_`` converts and checks the list once and makes every refusal
+    before its first write, so if it refuses the list (mixed devices, sparse or complex gradients,
+    ...), nothing has been written yet, and the general path groups, routes or raises a precise
+    error. ``error_if_nonfinite`` needs the norm on the host before the scale: two ops there.
     Not used while torch.compile traces: there the Python overhead is compiled away anyway.
     """
     if norm_type not in KERNEL_NORM_TYPES:
@@ -206,11 +209,12 @@ def _fast_clip(params: list, max_norm: float, norm_type: float, error_if_nonfini
         return None
     with torch.no_grad():
         try:
+            if not error_if_nonfinite:
+                return torch.ops.segclip.multi_tensor_clip_(grads, norm_type, max_norm)[0]
             total, coef = torch.ops.segclip.multi_tensor_norm_coef(grads, norm_type, max_norm)
         except (RuntimeError, TypeError):  # TypeError: a gradient that is no Tensor
             return None
-        if error_if_nonfinite:
-            _check_finite(total, norm_type)
+        _check_finite(total, norm_type)
         torch.ops.segclip.multi_tensor_scale_(grads, coef)
     return total
 
@@ -263,7 +267,11 @@ def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float 
     if not grads:
         return _empty_norm()
     with torch.no_grad():
-        groups, total, coef = _general_norm(grads, norm_type, max_norm, error_if_nonfinite, backend)
+        groups = _plan(grads, backend)
+        if (not error_if_nonfinite and norm_type in KERNEL_NORM_TYPES and len(groups) == 1
+                and groups[0][1] and not groups[0][2]):  # one device, all in the kernel: one op
+            return torch.ops.segclip.multi_tensor_clip_(groups[0][1], norm_type, max_norm)[0]
+        groups, total, coef = _general_norm(grads, norm_type, max_norm, error_if_nonfinite, backend, groups)
         _scale(groups, coef)
     return total
 

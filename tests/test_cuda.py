@@ -292,17 +292,35 @@ def test_import_without_gpu():
 
 
 @needs_lib
-@pytest.mark.parametrize("op", ["multi_tensor_norm", "multi_tensor_norm_coef", "multi_tensor_scale_"])
+@pytest.mark.parametrize("op", ["multi_tensor_norm", "multi_tensor_norm_coef", "multi_tensor_scale_",
+                                "multi_tensor_clip_"])
 def test_cuda_kernels_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segclip::{op}", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segclip::{op}", "CPU")
 
 
+def _toolkit_cudart_version() -> int | None:
+    """CUDART_VERSION of the toolkit's headers (13000 for CUDA 13.0), or None."""
+    header = Path(TOOLKIT or "/nonexistent") / "include" / "cuda_runtime_api.h"
+    try:
+        for line in header.read_text(errors="replace").splitlines():
+            if line.startswith("#define CUDART_VERSION"):
+                return int(line.split()[2])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @needs_lib
 def test_module_sizes():
     assert CHUNK > 0 and CHUNK % 8 == 0  # a chunk keeps 16-byte alignment for every dtype
-    assert 0 < MAX_TENSORS <= 256 and 0 < MAX_BLOCKS < 65536
+    assert 0 < MAX_BLOCKS < 65536
     assert C_cuda.BLOCK_THREADS % 32 == 0
+    # see note: [kernel argument space]: 32 KiB tables with CUDA >= 13, as torch's foreach kernels
+    version = _toolkit_cudart_version()
+    if version is not None:
+        assert C_cuda.KERNEL_PARAM_BYTES == (32768 if version >= 13000 else 4096), version
+    assert (MAX_TENSORS, MAX_BLOCKS) == ({32768: (1024, 6144), 4096: (100, 2048)}[C_cuda.KERNEL_PARAM_BYTES])
 
 
 @needs_lib
@@ -327,6 +345,13 @@ def test_argument_checks_without_gpu():
         scale.redispatch(ks, [torch.ones(3)], torch.tensor(1))
     with pytest.raises(RuntimeError, match="coef is on cpu"):
         scale.redispatch(ks, [torch.ones(3)], torch.tensor(0.5))
+    clip = ops.multi_tensor_clip_.default
+    with pytest.raises(RuntimeError, match="multi_tensor_clip_: expected a non-empty list"):
+        clip.redispatch(ks, [], 2.0, 1.0)
+    with pytest.raises(RuntimeError, match="norm_type 1, 2 and inf, got 0.5"):
+        clip.redispatch(ks, [torch.ones(3)], 0.5, 1.0)
+    with pytest.raises(RuntimeError, match=r"multi_tensor_clip_: the CUDA kernel got no CUDA tensor"):
+        clip.redispatch(ks, [torch.ones(3)], 2.0, 1.0)
 
 
 def _compile_and_run(cmd, exe, tmp_path):
@@ -335,17 +360,22 @@ def _compile_and_run(cmd, exe, tmp_path):
     run = subprocess.run([str(exe)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.startswith("OK"), run.stdout
+    return run.stdout
 
 
-def test_apply_chunking_on_host(tmp_path):
-    """multi_tensor_apply's launch tables and block_chunk (the code the kernels run), on the host:
-    every chunk launched once, in order, within the table sizes; empties anywhere; > 2^31 elements."""
+@pytest.mark.parametrize("param_bytes, tensors, blocks", [(4096, 100, 2048), (32768, 1024, 6144)])
+def test_apply_chunking_on_host(tmp_path, param_bytes, tensors, blocks):
+    """multi_tensor_apply's launch tables and block_chunk (the code the kernels run), on the host, for
+    both table layouts (see note: [kernel argument space]): every chunk launched once, in order,
+    within the table sizes; empties anywhere; > 2^31 elements; the reversed launches of the scale."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no C++ compiler")
     exe = tmp_path / "multi_tensor_apply_test"
-    _compile_and_run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-I", "csrc/cuda",
-                      "csrc/cuda/test/multi_tensor_apply_test.cpp", "-o", str(exe)], exe, tmp_path)
+    out = _compile_and_run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror",
+                            f"-DSEGCLIP_KERNEL_PARAM_BYTES={param_bytes}", "-I", "csrc/cuda",
+                            "csrc/cuda/test/multi_tensor_apply_test.cpp", "-o", str(exe)], exe, tmp_path)
+    assert f"{param_bytes}-byte layout: {tensors} tensors, {blocks} blocks per launch" in out, out
 
 
 def test_thread_math_on_host(tmp_path):

@@ -13,7 +13,7 @@ from conftest import CPU_BACKENDS, assert_norm_close, make_params, needs_cpu_ker
 
 pytestmark = needs_cpu_kernel
 
-OPS = ("multi_tensor_norm", "multi_tensor_norm_coef", "multi_tensor_scale_")
+OPS = ("multi_tensor_norm", "multi_tensor_norm_coef", "multi_tensor_scale_", "multi_tensor_clip_")
 
 
 def test_ops_are_registered_for_cpu():
@@ -33,6 +33,12 @@ def test_opcheck_norm_ops(norm_type):
     for tensors in _samples():
         torch.library.opcheck(torch.ops.segclip.multi_tensor_norm.default, (tensors, norm_type))
         torch.library.opcheck(torch.ops.segclip.multi_tensor_norm_coef.default, (tensors, norm_type, 0.5))
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e9])  # clipping, and nothing to clip
+def test_opcheck_clip_op(max_norm):
+    for tensors in _samples():
+        torch.library.opcheck(torch.ops.segclip.multi_tensor_clip_.default, (tensors, 2.0, max_norm))
 
 
 @pytest.mark.parametrize("coef", [0.25, 1.0, 2.0])
@@ -174,3 +180,127 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
         for p, ep in zip(params, eager_params):
             torch.testing.assert_close(p.grad, ep.grad, rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# multi_tensor_clip_: the whole clip in one op call
+
+
+def _clip_inputs():
+    """Every layout the kernels distinguish, mixed dtypes, and memory shared by two entries."""
+    shared = torch.randn(70_000)
+    return [torch.randn(17), torch.randn(300, 517).t(), torch.randn(0), torch.randn(64, 131)[:, ::2],
+            torch.randn(70_001, dtype=torch.bfloat16)[1:], torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+            torch.randn(513, dtype=torch.float16), torch.randn(()), shared[:50_000], shared[20_000:],
+            torch.randn(*[3] * 9)[(slice(None, None, 2),) * 9]]
+
+
+def _clone_list(ts):
+    """Copies keeping each entry's layout and the memory entries share (both paths see alike lists)."""
+    storages = {}
+    out = []
+    for t in ts:
+        st = storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().clone())
+        out.append(torch.empty(0, dtype=t.dtype).set_(st, t.storage_offset(), t.shape, t.stride()))
+    return out
+
+
+def _bits(t):
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("ratio", [0.3, 3.0])  # clipping, and nothing to clip
+def test_clip_op_is_bitwise_the_two_op_path_and_matches_float64(norm_type, ratio):
+    ts = _clip_inputs()
+    two = _clone_list(ts)
+    original = [t.clone() for t in _clone_list(ts)]
+    ref = oracle_norm(original, norm_type)
+    norm, coef = torch.ops.segclip.multi_tensor_clip_(ts, norm_type, ref * ratio)
+    norm2, coef2 = torch.ops.segclip.multi_tensor_norm_coef(two, norm_type, ref * ratio)
+    torch.ops.segclip.multi_tensor_scale_(two, coef2)
+    assert norm.dtype == coef.dtype == torch.float32 and norm.shape == coef.shape == ()
+    assert torch.equal(norm, norm2) and torch.equal(coef, coef2)
+    assert_norm_close(norm, ref, 1e-3)  # bfloat16 and float16 in the list
+    assert (float(coef) == 1.0) == (ratio > 1)
+    for i, (a, b) in enumerate(zip(ts, two)):
+        assert torch.equal(_bits(a), _bits(b)), f"tensors[{i}]"
+    # The comparison can fail: one entry scaled once more is seen.
+    torch.ops.segclip.multi_tensor_scale_([two[0]], torch.tensor(0.5))
+    assert not torch.equal(_bits(ts[0]), _bits(two[0]))
+
+
+def test_clip_op_scales_by_the_float64_coefficient():
+    xs = [torch.randn(1000, dtype=torch.float64), torch.randn(70_000, dtype=torch.float64)]
+    before = [x.clone() for x in xs]
+    ref = oracle_norm(before, 2.0)
+    norm, coef = torch.ops.segclip.multi_tensor_clip_(xs, 2.0, ref / 4)
+    assert norm.dtype == coef.dtype == torch.float64
+    assert_norm_close(norm, ref, 1e-12)
+    assert_norm_close(coef, (ref / 4) / (ref + 1e-6), 1e-12)
+    for x, b in zip(xs, before):
+        torch.testing.assert_close(x, b * ((ref / 4) / (ref + 1e-6)), rtol=1e-12, atol=0)
+
+
+def test_clip_op_refuses_before_writing_anything():
+    dense = torch.randn(100)
+    before = dense.clone()
+    with pytest.raises(RuntimeError, match=r"multi_tensor_clip_: tensors\[1\] has internally overlapping memory"):
+        torch.ops.segclip.multi_tensor_clip_([dense, torch.ones(3, 1).expand(3, 2)], 2.0, 1e-3)
+    with pytest.raises(RuntimeError, match=r"multi_tensor_clip_: tensors\[1\] has dtype Int"):
+        torch.ops.segclip.multi_tensor_clip_([dense, torch.ones(3, dtype=torch.int32)], 2.0, 1e-3)
+    with pytest.raises(RuntimeError, match="norm_type 1, 2 and inf, got 3"):
+        torch.ops.segclip.multi_tensor_clip_([dense], 3.0, 1e-3)
+    with pytest.raises(RuntimeError, match="non-empty"):
+        torch.ops.segclip.multi_tensor_clip_([], 2.0, 1e-3)
+    with pytest.raises(RuntimeError, match=r"multi_tensor_clip_: tensors\[0\] has layout Sparse"):
+        torch.ops.segclip.multi_tensor_clip_([torch.ones(2).to_sparse()], 2.0, 1e-3)
+    with torch.inference_mode():
+        inf_t = torch.ones(4)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is an inference tensor"):
+        torch.ops.segclip.multi_tensor_clip_([dense, inf_t], 2.0, 1e-3)
+    assert torch.equal(dense, before) and torch.equal(inf_t, torch.ones(4))
+
+
+def test_clip_op_bumps_versions_clipping_or_not():
+    xs = [torch.randn(10), torch.randn(64, 131)[:, ::2]]
+    for max_norm in (1e-3, 1e9):
+        versions = [x._version for x in xs]
+        torch.ops.segclip.multi_tensor_clip_(xs, 2.0, max_norm)
+        assert [x._version for x in xs] == [v + 1 for v in versions]
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd kernels (see note: [autograd kernels] in csrc/segclip.cpp)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_every_op_has_its_own_autograd_kernel(name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segclip::{name}", "Autograd"), name
+
+
+_CALLS = {
+    "multi_tensor_norm": lambda ts: torch.ops.segclip.multi_tensor_norm(ts, 2.0),
+    "multi_tensor_norm_coef": lambda ts: torch.ops.segclip.multi_tensor_norm_coef(ts, 2.0, 1.0),
+    "multi_tensor_scale_": lambda ts: torch.ops.segclip.multi_tensor_scale_(ts, torch.tensor(0.5)),
+    "multi_tensor_clip_": lambda ts: torch.ops.segclip.multi_tensor_clip_(ts, 2.0, 1e-3),
+}
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_ops_refuse_tensors_that_require_grad_in_grad_mode(name):
+    """Our Autograd kernel answers, not torch's boxed fallback: with the fallback set to "nothing"
+    (no autograd at all), only our kernel can raise (by default the fallback would attach a grad_fn
+    that only warns at backward)."""
+    leaf = torch.randn(5, requires_grad=True)
+    prev = torch._C._get_autograd_fallback_mode()
+    torch._C._set_autograd_fallback_mode("nothing")
+    try:
+        with pytest.raises(RuntimeError, match=rf"segclip::{name}: tensors\[1\] requires grad and grad mode is on"):
+            _CALLS[name]([torch.randn(3), leaf])
+        with torch.no_grad():  # redispatched below autograd: the kernel runs
+            out = _CALLS[name]([torch.randn(3), leaf.detach().clone().requires_grad_()])
+    finally:
+        torch._C._set_autograd_fallback_mode(prev)
+    for o in (out if isinstance(out, tuple) else (out,) if out is not None else ()):
+        assert not o.requires_grad and o.grad_fn is None

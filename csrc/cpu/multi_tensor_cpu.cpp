@@ -197,11 +197,9 @@ double reduce_chunks(const std::vector<at::Tensor>& flat, const std::vector<Chun
   return total;
 }
 
-// Returns the norm in double and the output dtype (float64 if any input is float64, else float32).
-std::tuple<double, at::ScalarType> norm_impl(at::TensorList tensors, double norm_type, const char* op) {
-  TORCH_CHECK(!tensors.empty(), op, ": expected a non-empty list of tensors");
-  check_tensors(tensors, op);
-  const NormKind kind = norm_kind(norm_type);
+// The norm in double and the output dtype (float64 if any input is float64, else float32) of a
+// list that passed check_tensors.
+std::tuple<double, at::ScalarType> compute_norm(at::TensorList tensors, NormKind kind) {
   at::ScalarType out_dtype = at::kFloat;
   std::vector<at::Tensor> flat;
   flat.reserve(tensors.size());
@@ -219,6 +217,29 @@ std::tuple<double, at::ScalarType> norm_impl(at::TensorList tensors, double norm
   return {total, out_dtype};
 }
 
+// Checks the list, then returns its norm (see compute_norm).
+std::tuple<double, at::ScalarType> norm_impl(at::TensorList tensors, double norm_type, const char* op) {
+  TORCH_CHECK(!tensors.empty(), op, ": expected a non-empty list of tensors");
+  check_tensors(tensors, op);
+  return compute_norm(tensors, norm_kind(norm_type));
+}
+
+// The norm and coefficient outputs; *coef_value gets the coefficient as the scale reads it.
+std::tuple<at::Tensor, at::Tensor> norm_coef_outputs(double total, at::ScalarType out_dtype,
+                                                     const at::TensorOptions& options, double max_norm,
+                                                     double* coef_value) {
+  const auto out = options.dtype(out_dtype);
+  if (out_dtype == at::kDouble) {
+    const double coef = clip_coefficient(total, max_norm);
+    *coef_value = coef;
+    return {at::scalar_tensor(total, out), at::scalar_tensor(coef, out)};
+  }
+  const float norm32 = static_cast<float>(total);
+  const float coef = clip_coefficient(norm32, static_cast<float>(max_norm));
+  *coef_value = coef;
+  return {at::scalar_tensor(norm32, out), at::scalar_tensor(coef, out)};
+}
+
 at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
   auto [total, out_dtype] = norm_impl(tensors, norm_type, "segclip::multi_tensor_norm");
   return at::scalar_tensor(total, tensors[0].options().dtype(out_dtype));
@@ -227,13 +248,8 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_coef_cpu(at::TensorList tensors, double norm_type,
                                                               double max_norm) {
   auto [total, out_dtype] = norm_impl(tensors, norm_type, "segclip::multi_tensor_norm_coef");
-  const auto options = tensors[0].options().dtype(out_dtype);
-  if (out_dtype == at::kDouble) {
-    return {at::scalar_tensor(total, options), at::scalar_tensor(clip_coefficient(total, max_norm), options)};
-  }
-  const float norm32 = static_cast<float>(total);
-  return {at::scalar_tensor(norm32, options),
-          at::scalar_tensor(clip_coefficient(norm32, static_cast<float>(max_norm)), options)};
+  double coef;
+  return norm_coef_outputs(total, out_dtype, tensors[0].options(), max_norm, &coef);
 }
 
 template <typename scalar_t>
@@ -245,30 +261,33 @@ void scale_chunk(scalar_t* data, int64_t n, double coef) {
   at::vec::map([c](Vec x) { return x * Vec(c); }, data, data, n);
 }
 
-void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
-  const char* op = "segclip::multi_tensor_scale_";
-  TORCH_CHECK(coef.numel() == 1 && coef.dim() == 0, op, ": coef must be a 0-dim tensor, got shape ",
-              coef.sizes());
-  TORCH_CHECK(coef.device().is_cpu(), op, ": coef is on ", coef.device(), "; expected a CPU tensor");
-  TORCH_CHECK(at::isFloatingType(coef.scalar_type()), op, ": coef must be floating point, got ",
-              coef.scalar_type());
-  check_tensors(tensors, op);
-  const double c = coef.item<double>();  // a CPU tensor: no device synchronisation
-
-  std::vector<at::Tensor> flat;
-  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // of flat; see note: [tensors that share memory]
+// What the scale does with each tensor of a list, decided (and every refusal made) before the
+// first write.
+struct ScalePlan {
+  std::vector<at::Tensor> flat;     // the fused pass
   std::vector<at::Tensor> strided;  // views with gaps: scaled after the fused pass (scale_out_of_place)
-  for (size_t i = 0; i < tensors.size(); ++i) {  // every check before the first write
+  bool shared = false;              // flat entries share memory: one tensor at a time, in list order
+};
+
+ScalePlan plan_scale(at::TensorList tensors, const char* op) {
+  ScalePlan plan;
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // of flat; see note: [tensors that share memory]
+  for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     check_scalable(t, i, op);
     if (t.numel() == 0) continue;
     if (is_flat(t)) {
-      flat.push_back(t);
+      plan.flat.push_back(t);
       ranges.push_back(byte_range(t));
     } else {
-      strided.push_back(t);
+      plan.strided.push_back(t);
     }
   }
+  plan.shared = any_ranges_intersect(std::move(ranges));
+  return plan;
+}
+
+void run_scale(const ScalePlan& plan, double c) {
   if (c >= 1.0) return;  // nothing to clip: write nothing (NaN is not >= 1: it scales)
   const auto scale_all = [c](const std::vector<at::Tensor>& ts) {  // one parallel region over their chunks
     const std::vector<Chunk> chunks = make_chunks(ts);
@@ -280,12 +299,40 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
       });
     });
   };
-  if (any_ranges_intersect(std::move(ranges))) {
-    for (const at::Tensor& t : flat) scale_all({t});  // one at a time, in list order
+  if (plan.shared) {
+    for (const at::Tensor& t : plan.flat) scale_all({t});  // one at a time, in list order
   } else {
-    scale_all(flat);
+    scale_all(plan.flat);
   }
-  for (const at::Tensor& t : strided) scale_out_of_place(t, c);
+  for (const at::Tensor& t : plan.strided) scale_out_of_place(t, c);
+}
+
+void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
+  const char* op = "segclip::multi_tensor_scale_";
+  TORCH_CHECK(coef.numel() == 1 && coef.dim() == 0, op, ": coef must be a 0-dim tensor, got shape ",
+              coef.sizes());
+  TORCH_CHECK(coef.device().is_cpu(), op, ": coef is on ", coef.device(), "; expected a CPU tensor");
+  TORCH_CHECK(at::isFloatingType(coef.scalar_type()), op, ": coef must be floating point, got ",
+              coef.scalar_type());
+  check_tensors(tensors, op);
+  const double c = coef.item<double>();  // a CPU tensor: no device synchronisation
+  run_scale(plan_scale(tensors, op), c);  // every check before the first write
+}
+
+// The whole clip in one call: the list is converted and checked once, every refusal (the scale's
+// too) is made before anything is written, then the norm, the coefficient and the scale when it is
+// below 1. The same norm, coefficient and gradients as multi_tensor_norm_coef + multi_tensor_scale_.
+std::tuple<at::Tensor, at::Tensor> multi_tensor_clip_cpu(at::TensorList tensors, double norm_type, double max_norm) {
+  const char* op = "segclip::multi_tensor_clip_";
+  TORCH_CHECK(!tensors.empty(), op, ": expected a non-empty list of tensors");
+  check_tensors(tensors, op);
+  const NormKind kind = norm_kind(norm_type);
+  const ScalePlan plan = plan_scale(tensors, op);
+  auto [total, out_dtype] = compute_norm(tensors, kind);
+  double coef;
+  auto outputs = norm_coef_outputs(total, out_dtype, tensors[0].options(), max_norm, &coef);
+  run_scale(plan, coef);
+  return outputs;
 }
 
 }  // namespace
@@ -294,6 +341,7 @@ TORCH_LIBRARY_IMPL(segclip, CPU, m) {
   m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
   m.impl("multi_tensor_norm_coef", &multi_tensor_norm_coef_cpu);
   m.impl("multi_tensor_scale_", &multi_tensor_scale_cpu);
+  m.impl("multi_tensor_clip_", &multi_tensor_clip_cpu);
 }
 
 }  // namespace segclip

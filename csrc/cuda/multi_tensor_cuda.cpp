@@ -97,41 +97,56 @@ at::Device check_tensors(at::TensorList tensors, const char* op, std::optional<a
 // scaled by scale_out_of_place (csrc/scale_out_of_place.h, shared with the CPU kernel) with
 // min(coef, 1) (clamp_max keeps NaN): rounded once, each element once, but written even when
 // coef >= 1 (with the same values).
+// The norm's inputs: one piece per non-empty tensor (a packed copy for a non-dense one).
+struct NormPlan {
+  std::vector<at::Tensor> packed;  // keeps the copies of non-dense tensors alive until queued
+  std::vector<TensorPiece> pieces;
+  bool out_double = false;
+};
+
+NormPlan plan_norm(at::TensorList tensors) {
+  NormPlan plan;
+  plan.pieces.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    plan.out_double |= t.scalar_type() == at::kDouble;
+    const DType dtype = *to_dtype(t.scalar_type());
+    if (t.numel() == 0) continue;
+    if (is_flat(t)) {
+      plan.pieces.push_back({const_cast<void*>(t.const_data_ptr()), t.numel(), dtype});
+    } else {  // see note: [CUDA non-dense tensors]
+      plan.packed.push_back(t.contiguous());
+      plan.pieces.push_back({const_cast<void*>(plan.packed.back().const_data_ptr()), t.numel(), dtype});
+    }
+  }
+  return plan;
+}
+
+// Queues the norm (and the coefficient when max_norm is given) of a checked list on `stream`.
+std::tuple<at::Tensor, at::Tensor> queue_norm(const NormPlan& plan, const at::TensorOptions& options,
+                                              NormKind kind, std::optional<double> max_norm, cudaStream_t stream) {
+  const auto out_options = options.dtype(plan.out_double ? at::kDouble : at::kFloat);
+  at::Tensor norm = at::empty({}, out_options);
+  at::Tensor coef = max_norm.has_value() ? at::empty({}, out_options) : at::Tensor();
+  const int64_t scratch_bytes = norm_scratch_bytes(count_blocks(plan.pieces));
+  at::Tensor scratch;  // freed on return: the caching allocator orders its reuse after the kernels
+  if (scratch_bytes > 0) scratch = at::empty({scratch_bytes}, out_options.dtype(at::kByte));
+  // Queues a memset and the launches; the last block writes norm and coef,
+  // see note: [last-block reduction] (multi_tensor_kernels.cu).
+  launch_multi_tensor_norm(kind, plan.pieces, scratch_bytes > 0 ? scratch.mutable_data_ptr() : nullptr,
+                           norm.mutable_data_ptr(), coef.defined() ? coef.mutable_data_ptr() : nullptr,
+                           max_norm.value_or(0.0), plan.out_double, stream);
+  return {norm, coef};
+}
+
 std::tuple<at::Tensor, at::Tensor> norm_impl(at::TensorList tensors, double norm_type,
                                              std::optional<double> max_norm, const char* op) {
   TORCH_CHECK(!tensors.empty(), op, ": expected a non-empty list of tensors");
   const NormKind kind = norm_kind(norm_type);
   const at::Device device = check_tensors(tensors, op);
   c10::cuda::CUDAGuard guard(device);
-
-  bool out_double = false;
-  std::vector<at::Tensor> packed;  // keeps the copies of non-dense tensors alive until queued
-  std::vector<TensorPiece> pieces;
-  pieces.reserve(tensors.size());
-  for (const at::Tensor& t : tensors) {
-    out_double |= t.scalar_type() == at::kDouble;
-    const DType dtype = *to_dtype(t.scalar_type());
-    if (t.numel() == 0) continue;
-    if (is_flat(t)) {
-      pieces.push_back({const_cast<void*>(t.const_data_ptr()), t.numel(), dtype});
-    } else {  // see note: [CUDA non-dense tensors]
-      packed.push_back(t.contiguous());
-      pieces.push_back({const_cast<void*>(packed.back().const_data_ptr()), t.numel(), dtype});
-    }
-  }
-
-  const auto out_options = tensors[0].options().device(device).dtype(out_double ? at::kDouble : at::kFloat);
-  at::Tensor norm = at::empty({}, out_options);
-  at::Tensor coef = max_norm.has_value() ? at::empty({}, out_options) : at::Tensor();
-  const int64_t scratch_bytes = norm_scratch_bytes(count_blocks(pieces));
-  at::Tensor scratch;  // freed on return: the caching allocator orders its reuse after the kernels
-  if (scratch_bytes > 0) scratch = at::empty({scratch_bytes}, out_options.dtype(at::kByte));
-  // Queues a memset and the launches; the last block writes norm and coef,
-  // see note: [last-block reduction] (multi_tensor_kernels.cu).
-  launch_multi_tensor_norm(kind, pieces, scratch_bytes > 0 ? scratch.mutable_data_ptr() : nullptr,
-                           norm.mutable_data_ptr(), coef.defined() ? coef.mutable_data_ptr() : nullptr,
-                           max_norm.value_or(0.0), out_double, c10::cuda::getCurrentCUDAStream(device.index()));
-  return {norm, coef};
+  const NormPlan plan = plan_norm(tensors);
+  return queue_norm(plan, tensors[0].options().device(device), kind, max_norm,
+                    c10::cuda::getCurrentCUDAStream(device.index()));
 }
 
 at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, double norm_type) {
@@ -141,6 +156,57 @@ at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, double norm_type) {
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_coef_cuda(at::TensorList tensors, double norm_type,
                                                                double max_norm) {
   return norm_impl(tensors, norm_type, max_norm, "segclip::multi_tensor_norm_coef");
+}
+
+// What the scale does with each tensor, decided (and every refusal made) before anything is queued.
+struct ScalePlan {
+  std::vector<TensorPiece> pieces;  // the fused pass
+  std::vector<StridedView> gappy;   // one strided launch each, see note: [CUDA non-dense tensors]
+  std::vector<at::Tensor> out_of_place;
+  bool shared = false;              // pieces share memory: one launch per tensor, in list order
+};
+
+ScalePlan plan_scale(at::TensorList tensors, const char* op) {
+  ScalePlan plan;
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // of pieces; see note: [tensors that share memory]
+  plan.pieces.reserve(tensors.size());
+  ranges.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {  // every check before anything is written
+    const at::Tensor& t = tensors[i];
+    const DType dtype = *to_dtype(t.scalar_type());
+    check_scalable(t, i, op);
+    if (t.numel() == 0) continue;
+    if (is_flat(t)) {
+      plan.pieces.push_back({t.mutable_data_ptr(), t.numel(), dtype});
+      ranges.push_back(byte_range(t));
+      continue;
+    }
+    StridedView v;
+    if (make_strided_view(t.mutable_data_ptr(), dtype, t.sizes().data(), t.strides().data(),
+                          static_cast<int>(t.dim()), &v)) {
+      plan.gappy.push_back(v);
+    } else {
+      plan.out_of_place.push_back(t);
+    }
+  }
+  plan.shared = any_ranges_intersect(std::move(ranges));
+  return plan;
+}
+
+// Queues the scale by the device value `c` (a 0-dim tensor of a dtype to_dtype takes, its bytes its
+// value, aligned). Reads c on the device; writes nothing when c >= 1, see note: [scale: nothing to clip].
+void queue_scale(const ScalePlan& plan, const at::Tensor& c, cudaStream_t stream) {
+  const DType cdtype = *to_dtype(c.scalar_type());
+  if (plan.shared) {  // one launch per tensor: the stream orders them
+    for (const TensorPiece& piece : plan.pieces) launch_multi_tensor_scale({piece}, c.const_data_ptr(), cdtype, stream);
+  } else {
+    launch_multi_tensor_scale(plan.pieces, c.const_data_ptr(), cdtype, stream);
+  }
+  for (const StridedView& v : plan.gappy) launch_strided_scale(v, c.const_data_ptr(), cdtype, stream);
+  if (!plan.out_of_place.empty()) {  // see note: [CUDA non-dense tensors]
+    const at::Tensor at_most_one = at::clamp_max(c, 1.0);
+    for (const at::Tensor& t : plan.out_of_place) scale_out_of_place(t, at_most_one);
+  }
 }
 
 void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
@@ -165,43 +231,25 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
                            ? coef
                            : coef.to(coef_dtype.has_value() ? coef.scalar_type() : at::kFloat, /*non_blocking=*/false,
                                      /*copy=*/true);
-  std::vector<TensorPiece> pieces;
-  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // of pieces; see note: [tensors that share memory]
-  std::vector<StridedView> gappy;  // see note: [CUDA non-dense tensors]
-  std::vector<at::Tensor> out_of_place;
-  pieces.reserve(tensors.size());
-  ranges.reserve(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {  // every check before anything is written
-    const at::Tensor& t = tensors[i];
-    const DType dtype = *to_dtype(t.scalar_type());
-    check_scalable(t, i, op);
-    if (t.numel() == 0) continue;
-    if (is_flat(t)) {
-      pieces.push_back({t.mutable_data_ptr(), t.numel(), dtype});
-      ranges.push_back(byte_range(t));
-      continue;
-    }
-    StridedView v;
-    if (make_strided_view(t.mutable_data_ptr(), dtype, t.sizes().data(), t.strides().data(),
-                          static_cast<int>(t.dim()), &v)) {
-      gappy.push_back(v);
-    } else {
-      out_of_place.push_back(t);
-    }
-  }
+  const ScalePlan plan = plan_scale(tensors, op);
+  queue_scale(plan, c, c10::cuda::getCurrentCUDAStream(device.index()));
+}
+
+// The whole clip from one call, see note: [op contract]: the list is checked once (the scale's
+// refusals too) before anything is queued; then the memset, the norm launches (the last block writes
+// norm and coefficient) and the scale launches, which read the coefficient on the device.
+std::tuple<at::Tensor, at::Tensor> multi_tensor_clip_cuda(at::TensorList tensors, double norm_type, double max_norm) {
+  const char* op = "segclip::multi_tensor_clip_";
+  TORCH_CHECK(!tensors.empty(), op, ": expected a non-empty list of tensors");
+  const NormKind kind = norm_kind(norm_type);
+  const at::Device device = check_tensors(tensors, op);
+  c10::cuda::CUDAGuard guard(device);
+  const ScalePlan scale = plan_scale(tensors, op);
+  const NormPlan norm_plan = plan_norm(tensors);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
-  const DType cdtype = *to_dtype(c.scalar_type());
-  // Reads coef on the device; writes nothing when coef >= 1, see note: [scale: nothing to clip].
-  if (any_ranges_intersect(std::move(ranges))) {  // one launch per tensor: the stream orders them
-    for (const TensorPiece& piece : pieces) launch_multi_tensor_scale({piece}, c.const_data_ptr(), cdtype, stream);
-  } else {
-    launch_multi_tensor_scale(pieces, c.const_data_ptr(), cdtype, stream);
-  }
-  for (const StridedView& v : gappy) launch_strided_scale(v, c.const_data_ptr(), cdtype, stream);
-  if (!out_of_place.empty()) {  // see note: [CUDA non-dense tensors]
-    const at::Tensor at_most_one = at::clamp_max(c, 1.0);
-    for (const at::Tensor& t : out_of_place) scale_out_of_place(t, at_most_one);
-  }
+  auto out = queue_norm(norm_plan, tensors[0].options().device(device), kind, max_norm, stream);
+  queue_scale(scale, std::get<1>(out), stream);
+  return out;
 }
 
 }  // namespace
@@ -210,6 +258,7 @@ TORCH_LIBRARY_IMPL(segclip, CUDA, m) {
   m.impl("multi_tensor_norm", &multi_tensor_norm_cuda);
   m.impl("multi_tensor_norm_coef", &multi_tensor_norm_coef_cuda);
   m.impl("multi_tensor_scale_", &multi_tensor_scale_cuda);
+  m.impl("multi_tensor_clip_", &multi_tensor_clip_cuda);
 }
 
 }  // namespace cuda
