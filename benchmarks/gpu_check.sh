@@ -3,16 +3,21 @@
 # ninja and a CUDA toolkit, and no package registry (nothing is installed or downloaded):
 #   1. builds the extension in place for sm_90 (SEGCLIP_WITH_CUDA=1, CUDA_HOME resolved here),
 #   2. runs tests/test_cuda.py,
-#   3. runs benchmarks/gpu_bench.py,
+#   3. runs segclip bench --device cuda (the clip suite; its JSON gives the last table),
 #   4. runs benchmarks/gpu_sanitize.py under compute-sanitizer's memcheck,
 #   5. runs the other tests (the trainer on the GPU among them), time-boxed,
 #   6. racecheck and synccheck, if time is left;
 # writes 8 files into $OUT (else ./gpu_results; the device tool brings back at most 8): env.txt,
 # build.log, test_cuda.log, gpu_bench.json, gpu_bench.log, sanitize.log, test_others.log,
 # gpu_check.json, and prints a short table last.
-# Budget: GPU_CHECK_BUDGET_S (default 450 s, under the 8 minutes allowed): every step runs under a
-# timeout cut from what is left, keeping time for the steps after it in the order above. Expected
-# on an H200: build < 1 min, test_cuda 1-2 min, benchmark < 1 min, each sanitizer run < 1 min.
+# Budget: GPU_CHECK_BUDGET_S (default 420 s, leaving room under a 10-minute command limit): every
+# step runs under `timeout -k 10` with a cap cut from what is left, keeping time for the steps after
+# it and the 10 s kill grace, so the whole script never overruns the budget; a step that cannot get
+# at least 5 s is skipped ("not run"). Expected on an H200: build < 1 min, test_cuda 1-2 min,
+# benchmark < 1 min, each sanitizer run < 1 min. compute-sanitizer instruments segclip's kernels
+# only (--kernel-regex kns=segclip): torch's own kernels run at full speed and their hazards are
+# not reported. The last table: per model, dtype and mode, segclip's and torch foreach's times, the
+# ratio, segclip's GB/s and the norms' relative error against float64 (from gpu_bench.json).
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; works in the repository root
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
@@ -28,16 +33,23 @@ PY="${PYTHON:-python3}"
 PY_BIN="$("$PY" -c 'import os, sys; print(os.path.dirname(sys.executable))' 2>/dev/null)" && export PATH="$PY_BIN:$PATH"
 T0=$(date +%s)
 
-BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-420}"
 BENCH_RESERVE_S=100  # kept for the benchmark (and memcheck) by the build and test_cuda
 
 log() { echo "[gpu_check $(($(date +%s) - T0))s] $*"; }
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
-cap() {  # cap MAX RESERVE: seconds a step may take: at most MAX, keeping RESERVE for later steps
-  local t=$(($(left) - $2))
+KILL_GRACE_S=10  # timeout -k: SIGKILL this long after SIGTERM
+cap() {  # cap MAX RESERVE: seconds a step may take: at most MAX, keeping RESERVE for later steps and
+  # the kill grace; 0 (skip the step) when less than 5 s would be left, so no step overruns the budget
+  local t=$(($(left) - $2 - KILL_GRACE_S))
   [ "$t" -gt "$1" ] && t=$1
-  [ "$t" -lt 10 ] && t=10
+  [ "$t" -lt 5 ] && t=0
   echo "$t"
+}
+run_capped() {  # run_capped SECONDS CMD...: CMD under timeout -k; rc 125 (not run) when SECONDS is 0
+  local t=$1; shift
+  if [ "$t" -le 0 ]; then log "no time left in the budget: $1 ... not run"; return 125; fi
+  timeout -k "$KILL_GRACE_S" "$t" "$@"
 }
 
 # --- CUDA_HOME: the folder holding bin/nvcc and include/cuda_runtime.h (nvcc may be a wrapper script)
@@ -76,11 +88,12 @@ fi
   echo "host: $(hostname)"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
   echo "CUDA_HOME: ${CUDA_HOME:-none}"
-  "${CUDA_HOME:-/nonexistent}/bin/nvcc" --version 2>&1 | tail -2
-  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm --format=csv 2>&1 || true
-  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| torch CUDA', torch.version.cuda, '| GPU', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
-  "$PY" -c "import pytest; print('pytest', pytest.__version__)" 2>&1 | tail -1
-  "$PY" -c "import torchvision; print('torchvision', torchvision.__version__)" 2>&1 | tail -1
+  # each probe capped too (a hung driver call must not eat the budget)
+  run_capped "$(cap 20 360)" "${CUDA_HOME:-/nonexistent}/bin/nvcc" --version 2>&1 | tail -2
+  run_capped "$(cap 20 360)" nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm --format=csv 2>&1 || true
+  run_capped "$(cap 60 360)" "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| torch CUDA', torch.version.cuda, '| GPU', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
+  run_capped "$(cap 20 360)" "$PY" -c "import pytest; print('pytest', pytest.__version__)" 2>&1 | tail -1
+  run_capped "$(cap 30 360)" "$PY" -c "import torchvision; print('torchvision', torchvision.__version__)" 2>&1 | tail -1
   echo "ninja: $(ninja --version 2>&1 || echo missing)"
 } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
@@ -90,7 +103,7 @@ log "building (SEGCLIP_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0)"
 mkdir -p segclip  # build_ext --inplace copies the libraries there (missing before the Python package lands)
 B0=$(date +%s)
 SEGCLIP_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-  timeout "$(cap 240 $((BENCH_RESERVE_S + 60)))" "$PY" setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1
+  run_capped "$(cap 240 $((BENCH_RESERVE_S + 60)))" "$PY" setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1
 BUILD_RC=$?
 BUILD_S=$(($(date +%s) - B0))
 grep -E "^  [A-Za-z_ ]+ += " "$OUT_DIR/build.log" || true
@@ -105,7 +118,7 @@ TEST_RC=125
 HAVE_PYTEST=0; "$PY" -c "import pytest" 2>/dev/null && HAVE_PYTEST=1
 if [ "$BUILD_RC" -eq 0 ] && [ "$HAVE_PYTEST" -eq 1 ]; then
   log "tests/test_cuda.py"
-  timeout "$(cap 240 $BENCH_RESERVE_S)" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 \
+  run_capped "$(cap 240 $BENCH_RESERVE_S)" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 \
     | tee "$OUT_DIR/test_cuda.log" | tail -25
   TEST_RC=${PIPESTATUS[0]}
 else
@@ -116,7 +129,7 @@ fi
 BENCH_RC=125
 if [ "$BUILD_RC" -eq 0 ]; then
   log "segclip bench --device cuda"
-  timeout "$(cap 240 40)" "$PY" -m segclip bench --device cuda --quick --dtypes fp32,bf16,fp16 --rounds 3 --no-progress --out "$OUT_DIR/gpu_bench.json" 2>&1 | tee "$OUT_DIR/gpu_bench.log"
+  run_capped "$(cap 240 40)" "$PY" -m segclip bench --device cuda --quick --dtypes fp32,bf16,fp16 --rounds 3 --no-progress --out "$OUT_DIR/gpu_bench.json" 2>&1 | tee "$OUT_DIR/gpu_bench.log"
   BENCH_RC=${PIPESTATUS[0]}
 fi
 
@@ -126,13 +139,15 @@ if [ -z "$SAN" ] && [ -x "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" ]; t
 declare -A SAN_RC=([memcheck]=125 [racecheck]=125 [synccheck]=125)
 sanitize() {  # sanitize TOOL MAX_SECONDS
   if [ "$BUILD_RC" -ne 0 ] || [ -z "$SAN" ]; then return 0; fi
-  if [ "$(left)" -lt 30 ]; then log "compute-sanitizer $1: no time left"; return 0; fi
   local t; t=$(cap "$2" 0)
+  if [ "$t" -lt 20 ]; then log "compute-sanitizer $1: no time left"; return 0; fi
   log "compute-sanitizer --tool $1 (${t}s)"
   echo "===== compute-sanitizer --tool $1" >> "$OUT_DIR/sanitize.log"
   # No caching allocator: every tensor is its own allocation, so memcheck knows its exact bounds.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$SAN" --tool "$1" --error-exitcode 99 \
-    --print-limit 20 "$PY" benchmarks/gpu_sanitize.py >> "$OUT_DIR/sanitize.log" 2>&1
+  # --kernel-regex kns=segclip: only kernels whose name holds "segclip" (ours: segclip::cuda::...)
+  # are instrumented; torch's run unchecked (full speed, and their hazards are not ours to report).
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_capped "$t" "$SAN" --tool "$1" --error-exitcode 99 \
+    --kernel-regex kns=segclip --print-limit 20 "$PY" benchmarks/gpu_sanitize.py >> "$OUT_DIR/sanitize.log" 2>&1
   SAN_RC[$1]=$?
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|all checks passed|failed$" "$OUT_DIR/sanitize.log" | tail -2
 }
@@ -142,10 +157,11 @@ sanitize memcheck 120
 # --- 5. the other tests (CPU paths are CI's; here the GPU paths among them: trainer, fused_clip_)
 OTHER_RC=125
 OTHERS=$(ls tests/test_*.py 2>/dev/null | grep -v "tests/test_cuda.py" || true)
-if [ "$BUILD_RC" -eq 0 ] && [ "$HAVE_PYTEST" -eq 1 ] && [ -n "$OTHERS" ] && [ "$(left)" -gt 40 ]; then
-  log "other tests (time-boxed: $(cap 150 0)s)"
+OTHER_T=$(cap 150 0)
+if [ "$BUILD_RC" -eq 0 ] && [ "$HAVE_PYTEST" -eq 1 ] && [ -n "$OTHERS" ] && [ "$OTHER_T" -ge 30 ]; then
+  log "other tests (time-boxed: ${OTHER_T}s)"
   # shellcheck disable=SC2086
-  timeout "$(cap 150 0)" "$PY" -m pytest -q -p no:cacheprovider $OTHERS > "$OUT_DIR/test_others.log" 2>&1
+  run_capped "$OTHER_T" "$PY" -m pytest -q -p no:cacheprovider $OTHERS > "$OUT_DIR/test_others.log" 2>&1
   OTHER_RC=$?
   tail -5 "$OUT_DIR/test_others.log"
 fi
@@ -178,13 +194,42 @@ echo
 echo "================ segclip gpu_check (${TOTAL_S}s, results in $OUT_DIR) ================"
 printf "%-20s %-16s %s\n" "build (sm_90)" "$(status "$BUILD_RC")" "${BUILD_S}s"
 printf "%-20s %-16s %s\n" "test_cuda.py" "$(status "$TEST_RC")" "$TEST_SUMMARY"
-printf "%-20s %-16s %s\n" "gpu_bench.py" "$(status "$BENCH_RC")" ""
+printf "%-20s %-16s %s\n" "bench (cuda)" "$(status "$BENCH_RC")" ""
 for tool in memcheck racecheck synccheck; do
   printf "%-20s %-16s %s\n" "sanitizer $tool" "$(status "${SAN_RC[$tool]}")" ""
 done
 printf "%-20s %-16s %s\n" "other tests" "$(status "$OTHER_RC")" "$OTHER_SUMMARY"
-if [ "$BENCH_RC" -eq 0 ]; then  # the benchmark's own table, from its JSON
-  "$PY" -c 'import json, sys; print("\n".join(json.load(open(sys.argv[1]))["summary_table"]))' "$OUT_DIR/gpu_bench.json" || true
+if [ -s "$OUT_DIR/gpu_bench.json" ]; then  # per model, dtype and mode, from the benchmark's JSON
+  "$PY" - "$OUT_DIR/gpu_bench.json" <<'EOF' || true
+import json, sys
+try:
+    records = [r for r in json.load(open(sys.argv[1])).get("records", []) if r.get("device") == "cuda"]
+except (OSError, ValueError) as exc:
+    sys.exit(f"gpu_bench.json unreadable: {exc}")
+by = {(r["case"], r.get("dtype"), r.get("mode"), r["impl"]): r for r in records}
+def us(r):
+    return None if not r or r.get("median_s") is None else 1e6 * r["median_s"]
+def f(x, spec):
+    return "-" if x is None else format(x, spec)
+rows = [("case", "dtype", "mode", "segclip us", "torch us", "torch/segclip", "segclip GB/s", "% of bound",
+         "norm err segclip", "norm err torch")]
+for case, dtype, mode in sorted({k[:3] for k in by}):
+    seg, tor, bound = (by.get((case, dtype, mode, k)) for k in ("segclip_cuda", "torch_foreach", "bound"))
+    t_seg, t_tor, t_bound = us(seg), us(tor), us(bound)
+    moved = (seg or tor or {}).get("extra", {}).get("bytes_moved")
+    checked = {k: (by.get((case, dtype, "inactive", k)) or {}).get("extra", {}).get("norm_rel_err")
+               for k in ("segclip_cuda", "torch_foreach")}  # against float64, on the random data
+    rows.append((case, dtype, mode, f(t_seg, ".1f"), f(t_tor, ".1f"),
+                 f(t_tor / t_seg if t_seg and t_tor else None, ".2f"),
+                 f(moved / (t_seg * 1e-6) / 1e9 if moved and t_seg else None, ".0f"),
+                 f(100 * t_bound / t_seg if t_bound and t_seg else None, ".0f"),
+                 f(checked["segclip_cuda"], ".1e"), f(checked["torch_foreach"], ".1e")))
+widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+for r in rows:
+    print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+if len(rows) == 1:
+    print("(no CUDA records in gpu_bench.json)")
+EOF
 fi
 [ "$BUILD_RC" -eq 0 ] && [ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] \
   && [ "${SAN_RC[memcheck]}" -eq 0 -o "${SAN_RC[memcheck]}" -eq 125 ]
