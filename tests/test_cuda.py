@@ -643,6 +643,8 @@ def test_no_host_synchronisation():
         ops.multi_tensor_scale_([view for _, view, _ in gappy], coef)  # strided and out-of-place paths
         ops.multi_tensor_norm_coef(empty, 2.0, 1.0)
         ops.multi_tensor_scale_(empty, coef)
+        ops.multi_tensor_clip_(ts, 2.0, 0.1)
+        ops.multi_tensor_clip_(empty, 2.0, 1.0)
         segclip.fused_clip_(params, 0.1)  # the public API's default path, clipping and not
         segclip.fused_clip_(params, 1e9)
     finally:
@@ -685,6 +687,177 @@ def test_cuda_graph_capture_and_replay():
 
 
 @gpu_test
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_clip_op_is_bitwise_the_two_op_path(norm_type):
+    """multi_tensor_clip_ queues the same memset, norm launches and scale launches as
+    multi_tensor_norm_coef + multi_tensor_scale_: the same norm, coefficient and bits, clipping or not;
+    with several launches, gappy views and memory shared by two entries."""
+    for scale in (10.0, 1e-4):
+        ts = structural_tensors(torch.float32) + many_tensors(torch.bfloat16)[:40] + many_tensors(torch.float32)
+        buf = torch.randn(3 * CHUNK + 5, device="cuda")
+        ts += [buf[:2 * CHUNK], buf[CHUNK:]]
+        for t in ts:
+            t.mul_(scale)
+        base = [t.clone() for t in ts]  # of the views: the same values, dense
+        norm, coef = ops.multi_tensor_clip_(ts, norm_type, 1.0)
+        after = [t.clone() for t in ts]
+        buf.copy_(torch.cat([base[-2][:CHUNK], base[-1]]))  # restore the shared buffer
+        for t, b in zip(ts[:-2], base[:-2]):
+            t.copy_(b)
+        norm2, coef2 = ops.multi_tensor_norm_coef(ts, norm_type, 1.0)
+        ops.multi_tensor_scale_(ts, coef2)
+        assert torch.equal(bits(norm), bits(norm2)) and torch.equal(bits(coef), bits(coef2))
+        assert (float(coef) < 1.0) == (scale == 10.0)
+        for i, (a, b) in enumerate(zip(after, ts)):
+            assert torch.equal(bits(a), bits(b)), f"tensors[{i}] (scale {scale})"
+        assert_rel_close(norm, ref_norm(base, norm_type), 1e-3)
+
+
+@gpu_test
+def test_clip_op_in_a_cuda_graph():
+    static = structural_tensors(torch.float32) + many_tensors(torch.float16)[:20]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.multi_tensor_clip_(static, 2.0, 5.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_norm, g_coef = ops.multi_tensor_clip_(static, 2.0, 5.0)
+    for scale in (10.0, 1e-5):
+        fresh = [(torch.randn(t.shape, device="cuda") * scale).to(t.dtype) for t in static]
+        for s_, f in zip(static, fresh):
+            s_.copy_(f)
+        graph.replay()
+        replayed = [t.clone() for t in static]
+        for s_, f in zip(static, fresh):
+            s_.copy_(f)
+        e_norm, e_coef = ops.multi_tensor_clip_(static, 2.0, 5.0)
+        torch.cuda.synchronize()
+        assert torch.equal(g_norm, e_norm) and torch.equal(g_coef, e_coef), scale
+        for i, (r, e) in enumerate(zip(replayed, static)):
+            assert torch.equal(bits(r), bits(e)), f"tensors[{i}] (scale {scale})"
+
+
+def _compile_params(max_norm_scale):
+    """CUDA parameters with gradients, two of them sharing one gradient and two viewing one buffer."""
+    shapes = [(300,), (20, 7), (0,), (CHUNK + 3,), (64, 33)]
+    params = [torch.nn.Parameter(torch.zeros(s, device="cuda")) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, device="cuda") * max_norm_scale
+    shared = torch.nn.Parameter(torch.zeros(300, device="cuda"))
+    shared.grad = params[0].grad  # one storage, two list entries
+    buf = torch.randn(2000, device="cuda") * max_norm_scale
+    a, b = torch.nn.Parameter(torch.zeros(1200, device="cuda")), torch.nn.Parameter(torch.zeros(1200, device="cuda"))
+    a.grad, b.grad = buf[:1200], buf[800:]  # overlapping views of one storage
+    return params + [shared, a, b], buf
+
+
+def _clone_params(params, buf):
+    """The same structure (sharing and overlap kept) on fresh copies."""
+    new_buf = buf.clone()
+    out = []
+    grads = {}
+    for p in params:
+        q = torch.nn.Parameter(torch.zeros_like(p))
+        g = p.grad
+        if g.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
+            off = g.storage_offset() - buf.storage_offset()
+            q.grad = new_buf[off:off + g.numel()]
+        else:
+            q.grad = grads.setdefault(id(g), g.clone())
+        out.append(q)
+    return out, new_buf
+
+
+@gpu_test
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_torch_compile_fullgraph_on_cuda_grads(mode):
+    """fused_clip_ under torch.compile(fullgraph=True) (and CUDA graphs with reduce-overhead) on CUDA
+    gradients, against eager on copies: clipping and not, one gradient listed twice, overlapping
+    views of one buffer (scaled once per entry, as eager and torch do)."""
+    import segclip
+
+    torch._dynamo.reset()
+
+    def step(params, max_norm):
+        return segclip.fused_clip_(params, max_norm)
+
+    compiled = torch.compile(step, fullgraph=True, mode=mode)
+    for max_norm in (0.5, 1e9, 0.5, 1e9):  # twice each: reduce-overhead records, then replays
+        params, buf = _compile_params(3.0)
+        eager, _ = _clone_params(params, buf)
+        got = compiled(params, max_norm)
+        want = step(eager, max_norm)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        assert_rel_close(got, ref_norm([p.grad for p in eager], 2.0) if max_norm > 1e8 else float(want), 1e-5)
+        for i, (p, e) in enumerate(zip(params, eager)):
+            torch.testing.assert_close(p.grad, e.grad, rtol=1e-6, atol=0, msg=f"grad {i}, max_norm {max_norm}")
+
+
+_PERSISTENT_SCRIPT = r"""
+import math, warnings, torch, segclip
+ops = torch.ops.segclip
+torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+def ref(ts, p):
+    x = torch.cat([t.detach().double().reshape(-1).cpu() for t in ts])
+    return float(x.abs().max()) if math.isinf(p) else float(torch.linalg.vector_norm(x, p))
+shapes = [(1 + (i * 7919) % 150_000,) for i in range(180)]  # a segmentation model's count, ~27 MB fp32
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for p in (2.0, 1.0, math.inf):
+        for ratio in (0.3, 3.0):
+            ts = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+            before = [t.clone() for t in ts]
+            r = ref(ts, p)
+            norm, coef = ops.multi_tensor_clip_(ts, p, r * ratio)
+            torch.cuda.synchronize()
+            tol = 1e-3 if dtype == torch.bfloat16 else 1e-6
+            assert abs(float(norm) - r) <= tol * r, (dtype, p, float(norm), r)
+            assert torch.equal(coef.cpu(), torch.clamp(r * ratio / (norm.cpu() + 1e-6), max=1.0)), (dtype, p)
+            for t, b in zip(ts, before):
+                if ratio > 1:
+                    assert torch.equal(t, b), "written with nothing to clip"
+                else:
+                    torch.testing.assert_close(t, (b.to(torch.float64) * float(coef)).to(dtype), rtol=tol + 1e-2 * (dtype == torch.bfloat16), atol=0)
+            again, _ = ops.multi_tensor_clip_([b.clone() for b in before], p, r * ratio)
+            assert torch.equal(again, norm), "not deterministic"
+# graph capture of the cooperative launch
+static = [torch.randn(s, device="cuda") for s in shapes[:50]]
+side = torch.cuda.Stream(); side.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(side):
+    ops.multi_tensor_clip_(static, 2.0, 1.0)
+torch.cuda.current_stream().wait_stream(side)
+g = torch.cuda.CUDAGraph()
+with torch.cuda.graph(g):
+    gn, gc = ops.multi_tensor_clip_(static, 2.0, 1.0)
+fresh = [torch.randn(t.shape, device="cuda") for t in static]
+for s_, f in zip(static, fresh): s_.copy_(f)
+g.replay(); torch.cuda.synchronize()
+assert abs(float(gn) - ref(fresh, 2.0)) <= 1e-6 * ref(fresh, 2.0)
+# a list it cannot take: the default path, with a warning
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    x = torch.randn(64, 131, device="cuda")[:, ::2]
+    ops.multi_tensor_clip_([x], 2.0, 1.0)
+assert any("SEGCLIP_CUDA_PERSISTENT" in str(m.message) for m in w), [str(m.message) for m in w]
+print("persistent ok")
+"""
+
+
+@gpu_test
+def test_persistent_clip_when_selected():
+    """SEGCLIP_CUDA_PERSISTENT=1 (read once per process, hence a subprocess): the single-launch clip
+    against float64, the default path's coefficient rounding, nothing written when nothing is to
+    clip, determinism, CUDA graph capture of the cooperative launch, and the warned default path
+    for a list it cannot take. See note: [persistent clip]."""
+    env = dict(os.environ, SEGCLIP_CUDA_PERSISTENT="1")
+    out = subprocess.run([sys.executable, "-c", _PERSISTENT_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "persistent ok" in out.stdout, out.stdout + out.stderr
+
+
+@gpu_test
 def test_opcheck():
     utils = (("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
              if _fakes_registered() else ("test_schema", "test_autograd_registration"))
@@ -699,6 +872,9 @@ def test_opcheck():
         for c in (0.5, 2.0):
             torch.library.opcheck(ops.multi_tensor_scale_.default,
                                   ([t.clone() for t in ts], torch.tensor(c, device="cuda")), test_utils=utils)
+        for max_norm in (1e-3, 1e9):
+            torch.library.opcheck(ops.multi_tensor_clip_.default, ([t.clone() for t in ts], 2.0, max_norm),
+                                  test_utils=utils)
 
 
 @gpu_test

@@ -217,6 +217,40 @@ SEGCLIP_HOST_DEVICE BlockChunk block_chunk(const TensorListMeta& meta, int64_t b
   return c;
 }
 
+// NOTE: [persistent clip work split]
+// The opt-in persistent clip (multi_tensor_kernels.cu, see note: [persistent clip]) runs the whole
+// clip in one launch of `grid` co-resident blocks over ONE table (the list fits one launch). Its unit
+// of work is a slice: kSliceElems elements of a chunk (a chunk of a table's block b holds slices
+// b * kSlicesPerChunk .. + kSlicesPerChunk - 1; those past a short last chunk's end are empty). Block
+// g owns the contiguous units [g * U / grid, (g + 1) * U / grid) of the U = n_blocks *
+// kSlicesPerChunk units: sizes differ by at most one, each unit has exactly one owner, and a block's
+// memory is one contiguous run (per tensor). The same split serves the norm and the scale, so each
+// block scales what it read. Slices keep the chunk's alignment (kSliceElems is a multiple of every
+// vector width).
+constexpr int kSlicesPerChunk = 8;
+constexpr int64_t kSliceElems = kChunkElems / kSlicesPerChunk;
+static_assert(kChunkElems % kSlicesPerChunk == 0 && kSliceElems % (kVecBytes / 2) == 0,
+              "a slice keeps every vector width's alignment");
+
+struct UnitRange {
+  int64_t begin;
+  int64_t end;  // one past the last
+};
+
+SEGCLIP_HOST_DEVICE UnitRange persistent_units(int64_t total_units, int64_t grid, int64_t g) {
+  return {g * total_units / grid, (g + 1) * total_units / grid};
+}
+
+// The slice of unit u (len 0 when it lies past its chunk's end).
+SEGCLIP_HOST_DEVICE BlockChunk unit_slice(const TensorListMeta& meta, int64_t u) {
+  BlockChunk c = block_chunk(meta, u / kSlicesPerChunk);
+  const int64_t first = (u % kSlicesPerChunk) * kSliceElems;
+  const int64_t left = c.len - first;
+  c.ptr = static_cast<char*>(c.ptr) + (left > 0 ? first : 0) * elem_size(c.dtype);
+  c.len = static_cast<int>(left <= 0 ? 0 : (left < kSliceElems ? left : kSliceElems));
+  return c;
+}
+
 // How a chunk splits into a scalar head (elements before the first 16-byte-aligned address), whole
 // 16-byte vectors, and a scalar tail. Every chunk of a tensor has the alignment of the tensor's data
 // pointer (kChunkElems is a multiple of every vector width), so a misaligned view (x[1:]) costs only

@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -235,6 +236,37 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   queue_scale(plan, c, c10::cuda::getCurrentCUDAStream(device.index()));
 }
 
+// NOTE: [selecting the persistent clip]
+// SEGCLIP_CUDA_PERSISTENT=1 in the environment (read once, at the first clip) makes
+// multi_tensor_clip_ (hence segclip.fused_clip_) use the single-launch persistent clip (see note:
+// [persistent clip] in multi_tensor_kernels.cu) for every list it can take: all tensors flat (dense),
+// no memory shared between entries, one table's worth (kMaxTensors tensors, kMaxBlocks chunks), and
+// at most the device's L2 size in bytes. Any other list takes the default path, with a one-time
+// warning saying why. Off by default until a GPU run shows it correct and faster.
+bool persistent_requested() {
+  static const bool on = [] {
+    const char* v = std::getenv("SEGCLIP_CUDA_PERSISTENT");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
+// Why the persistent clip cannot take this list (nullptr: it can).
+const char* persistent_refusal(const ScalePlan& scale, const NormPlan& norm, int device) {
+  if (!scale.gappy.empty() || !scale.out_of_place.empty() || !norm.packed.empty()) return "a tensor is not dense";
+  if (scale.shared) return "two entries share memory";
+  if (norm.pieces.empty()) return "no element";
+  if (norm.pieces.size() > static_cast<size_t>(kMaxTensors) || count_blocks(norm.pieces) > kMaxBlocks) {
+    return "the list does not fit one launch table";
+  }
+  int l2 = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+  int64_t bytes = 0;
+  for (const TensorPiece& p : norm.pieces) bytes += p.numel * elem_size(p.dtype);
+  if (bytes > l2) return "the list is larger than the L2 cache";
+  return nullptr;
+}
+
 // The whole clip from one call, see note: [op contract]: the list is checked once (the scale's
 // refusals too) before anything is queued; then the memset, the norm launches (the last block writes
 // norm and coefficient) and the scale launches, which read the coefficient on the device.
@@ -247,6 +279,20 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_clip_cuda(at::TensorList tensors
   const ScalePlan scale = plan_scale(tensors, op);
   const NormPlan norm_plan = plan_norm(tensors);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  if (persistent_requested()) {  // see note: [selecting the persistent clip]
+    const char* why_not = persistent_refusal(scale, norm_plan, device.index());
+    if (why_not == nullptr) {
+      const auto out_options = tensors[0].options().device(device).dtype(norm_plan.out_double ? at::kDouble : at::kFloat);
+      at::Tensor norm = at::empty({}, out_options);
+      at::Tensor coef = at::empty({}, out_options);
+      const int grid = persistent_grid(norm_plan.pieces, device.index());
+      at::Tensor scratch = at::empty({norm_scratch_bytes(grid)}, out_options.dtype(at::kByte));
+      launch_persistent_clip(kind, norm_plan.pieces, grid, scratch.mutable_data_ptr(), norm.mutable_data_ptr(),
+                             coef.mutable_data_ptr(), max_norm, norm_plan.out_double, stream);
+      return {norm, coef};
+    }
+    TORCH_WARN_ONCE("segclip: SEGCLIP_CUDA_PERSISTENT=1, but a list took the default clip: ", why_not);
+  }
   auto out = queue_norm(norm_plan, tensors[0].options().device(device), kind, max_norm, stream);
   queue_scale(scale, std::get<1>(out), stream);
   return out;

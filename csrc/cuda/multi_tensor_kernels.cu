@@ -215,6 +215,99 @@ __global__ void __launch_bounds__(kBlockThreads) strided_scale_kernel(const Stri
   }
 }
 
+// NOTE: [persistent clip]
+// An opt-in alternative to memset + norm launches + scale launches for a list that fits in L2 and in
+// one table: ONE cooperative launch of `grid` blocks (about 2 per SM, all co-resident: the
+// cooperative launch guarantees it or fails, so the grid barrier below cannot deadlock). Each block
+// takes its units (see note: [persistent clip work split]):
+//   1. norm: its units' partial, to slot blockIdx.x; release fence; counter += 1;
+//   2. grid barrier: thread 0 spins until the counter reaches gridDim.x, then an acquire fence;
+//   3. every block combines all gridDim.x slots in the same fixed order (so all compute the same
+//      norm and coefficient, bitwise, with no second barrier); block 0 writes norm and coefficient;
+//   4. scale: when the coefficient is < 1, its own units again, last first, while they are in L2.
+// The counter is zeroed by a memset before the launch (capturable, like the norm's). Deterministic
+// for a given grid (which depends only on the device); the norm's summation grouping differs from
+// the multi-launch path's, so the two may differ in the last bits. Not the default: it has not yet
+// been shown correct and faster on a GPU (multi_tensor_cuda.cpp: SEGCLIP_CUDA_PERSISTENT=1).
+struct PersistentParams {
+  unsigned int* counter;  // zeroed before the launch
+  double* partials;       // gridDim.x slots
+  void* norm_out;
+  void* coef_out;
+  double max_norm;
+  int64_t total_units;
+  bool out_double;
+};
+static_assert(sizeof(PersistentParams) <= kMaxExtraParamBytes, "see kMaxExtraParamBytes");
+
+template <NormKind K>
+__device__ __forceinline__ double units_partial(const TensorListMeta& meta, UnitRange r) {
+  double v = 0.0;
+#pragma unroll 1
+  for (int64_t u = r.begin; u < r.end; ++u) {
+    const BlockChunk c = unit_slice(meta, u);
+    switch (c.dtype) {  // uniform across the block
+      case DType::kHalf: v = combine<K>(v, double(thread_partial<K, HalfT>(c.ptr, c.len, threadIdx.x))); break;
+      case DType::kBFloat16: v = combine<K>(v, double(thread_partial<K, BFloat16T>(c.ptr, c.len, threadIdx.x))); break;
+      case DType::kFloat: v = combine<K>(v, double(thread_partial<K, FloatT>(c.ptr, c.len, threadIdx.x))); break;
+      case DType::kDouble: v = combine<K>(v, thread_partial<K, DoubleT>(c.ptr, c.len, threadIdx.x)); break;
+    }
+  }
+  return v;
+}
+
+template <NormKind K>
+__global__ void __launch_bounds__(kBlockThreads, kNormMinBlocksPerSm)
+    persistent_clip_kernel(const TensorListMeta meta, const PersistentParams p) {
+  __shared__ double coef_shared;
+  const UnitRange r = persistent_units(p.total_units, gridDim.x, blockIdx.x);
+  const double partial = block_reduce<K>(units_partial<K>(meta, r));
+  if (threadIdx.x == 0) {
+    p.partials[blockIdx.x] = partial;
+    __threadfence();  // release: the partial before the count
+    atomicAdd(p.counter, 1u);
+    while (atomicAdd(p.counter, 0u) < gridDim.x) __nanosleep(32);  // grid barrier (all co-resident)
+    __threadfence();  // acquire: every counted partial is visible from here on
+  }
+  __syncthreads();  // the barrier for the block; also separates block_reduce's shared memory uses
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < gridDim.x; i += kBlockThreads) acc = combine<K>(acc, __ldcg(p.partials + i));
+  acc = block_reduce<K>(acc);
+  if (threadIdx.x == 0) {
+    const double total = K == NormKind::kL2 ? sqrt(acc) : acc;
+    double c;
+    if (p.out_double) {
+      c = clip_coefficient(total, p.max_norm);
+      if (blockIdx.x == 0) {
+        *static_cast<double*>(p.norm_out) = total;
+        *static_cast<double*>(p.coef_out) = c;
+      }
+    } else {
+      const float norm = static_cast<float>(total);
+      const float cf = clip_coefficient(norm, static_cast<float>(p.max_norm));
+      c = cf;
+      if (blockIdx.x == 0) {
+        *static_cast<float*>(p.norm_out) = norm;
+        *static_cast<float*>(p.coef_out) = cf;
+      }
+    }
+    coef_shared = c;
+  }
+  __syncthreads();
+  const double c = coef_shared;
+  if (c >= 1.0) return;  // nothing to clip (NaN scales), see note: [scale: nothing to clip]
+#pragma unroll 1
+  for (int64_t u = r.end - 1; u >= r.begin; --u) {  // last read first: still in L2
+    const BlockChunk ch = unit_slice(meta, u);
+    switch (ch.dtype) {
+      case DType::kHalf: scale_chunk<HalfT>(ch.ptr, ch.len, static_cast<float>(c), threadIdx.x); break;
+      case DType::kBFloat16: scale_chunk<BFloat16T>(ch.ptr, ch.len, static_cast<float>(c), threadIdx.x); break;
+      case DType::kFloat: scale_chunk<FloatT>(ch.ptr, ch.len, static_cast<float>(c), threadIdx.x); break;
+      case DType::kDouble: scale_chunk<DoubleT>(ch.ptr, ch.len, c, threadIdx.x); break;
+    }
+  }
+}
+
 // One memset, then one launch per full table, see note: [CUDA chunking and launches].
 template <NormKind K>
 void launch_norm(const std::vector<TensorPiece>& pieces, NormParams p, cudaStream_t stream) {
@@ -253,6 +346,52 @@ void launch_multi_tensor_norm(NormKind kind, const std::vector<TensorPiece>& pie
     case NormKind::kL2: launch_norm<NormKind::kL2>(pieces, p, stream); break;
     case NormKind::kLinf: launch_norm<NormKind::kLinf>(pieces, p, stream); break;
   }
+}
+
+template <NormKind K>
+cudaError_t launch_persistent(const TensorListMeta& meta, int grid, const PersistentParams& p, cudaStream_t stream) {
+  void* args[] = {const_cast<TensorListMeta*>(&meta), const_cast<PersistentParams*>(&p)};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_clip_kernel<K>), dim3(grid),
+                                     dim3(kBlockThreads), args, 0, stream);
+}
+
+int persistent_grid(const std::vector<TensorPiece>& pieces, int device) {
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  // the three kernels have the same launch bounds and shared memory; the L2 one stands for all
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, reinterpret_cast<const void*>(&persistent_clip_kernel<NormKind::kL2>), kBlockThreads, 0));
+  const int64_t units = count_blocks(pieces) * kSlicesPerChunk;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(units, int64_t{std::min(per_sm, 2)} * sms)));
+}
+
+void launch_persistent_clip(NormKind kind, const std::vector<TensorPiece>& pieces, int grid, void* scratch,
+                            void* norm_out, void* coef_out, double max_norm, bool out_double, cudaStream_t stream) {
+  int launches = 0;
+  TensorListMeta table{};
+  int n_blocks = 0;
+  multi_tensor_apply(pieces, [&](const TensorListMeta& meta, int n, int64_t) {
+    ++launches;
+    table = meta;
+    n_blocks = n;
+  });
+  TORCH_CHECK(launches == 1, "segclip: the persistent clip takes a list that fits one table");
+  PersistentParams p{};
+  p.counter = static_cast<unsigned int*>(scratch);
+  p.partials = reinterpret_cast<double*>(static_cast<char*>(scratch) + kScratchHeaderBytes);
+  p.norm_out = norm_out;
+  p.coef_out = coef_out;
+  p.max_norm = max_norm;
+  p.total_units = int64_t{n_blocks} * kSlicesPerChunk;
+  p.out_double = out_double;
+  C10_CUDA_CHECK(cudaMemsetAsync(p.counter, 0, sizeof(unsigned int), stream));
+  cudaError_t err = cudaSuccess;
+  switch (kind) {
+    case NormKind::kL1: err = launch_persistent<NormKind::kL1>(table, grid, p, stream); break;
+    case NormKind::kL2: err = launch_persistent<NormKind::kL2>(table, grid, p, stream); break;
+    case NormKind::kLinf: err = launch_persistent<NormKind::kLinf>(table, grid, p, stream); break;
+  }
+  C10_CUDA_CHECK(err);
 }
 
 void launch_multi_tensor_scale(const std::vector<TensorPiece>& pieces, const void* coef, DType coef_dtype,

@@ -33,6 +33,15 @@ void launch_multi_tensor_norm(NormKind kind, const std::vector<TensorPiece>& pie
                               void* norm_out, void* coef_out, double max_norm, bool out_double,
                               cudaStream_t stream);
 
+// The persistent clip (see note: [persistent clip] in multi_tensor_kernels.cu): the grid it would
+// use on `device` for these pieces (about 2 blocks per SM, never more than can be co-resident), and
+// the launch itself, for pieces that fit one table, all flat and sharing no memory. Queues a memset
+// and one cooperative launch that writes norm and coefficient (both non-null) and scales in place
+// when the coefficient is < 1. scratch: norm_scratch_bytes(grid) bytes. Never synchronises.
+int persistent_grid(const std::vector<TensorPiece>& pieces, int device);
+void launch_persistent_clip(NormKind kind, const std::vector<TensorPiece>& pieces, int grid, void* scratch,
+                            void* norm_out, void* coef_out, double max_norm, bool out_double, cudaStream_t stream);
+
 // Queues pieces *= *coef on `stream` (coef: one device value of coef_dtype); writes nothing when
 // *coef >= 1. Never synchronises with the host.
 void launch_multi_tensor_scale(const std::vector<TensorPiece>& pieces, const void* coef, DType coef_dtype,

@@ -132,6 +132,59 @@ void check_reversed(const std::vector<Spec>& specs, const char* name) {
   }
 }
 
+// The persistent clip's split of one table (see note: [persistent clip work split]) over `grid`
+// blocks: every unit owned once, owners' shares differ by at most one, and the slices of each chunk
+// tile it exactly (contiguous, in order, nothing past its end).
+void check_persistent_split(const std::vector<Spec>& specs, const char* name) {
+  std::vector<TensorPiece> pieces;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const uintptr_t b = (uintptr_t{1} << 44) + (uintptr_t{i} << 40) +
+                        static_cast<uintptr_t>(specs[i].misalign_elems * elem_size(specs[i].dtype));
+    pieces.push_back({reinterpret_cast<void*>(b), specs[i].numel, specs[i].dtype});
+  }
+  int launches = 0;
+  multi_tensor_apply(pieces, [&](const TensorListMeta& meta, int n_blocks, int64_t) {
+    ++launches;
+    const int64_t units = int64_t{n_blocks} * kSlicesPerChunk;
+    for (int64_t grid : {int64_t{1}, int64_t{7}, int64_t{264}, units, units + 5}) {
+      std::vector<int> owner(static_cast<size_t>(units), -1);
+      int64_t min_share = units, max_share = 0;
+      for (int64_t g = 0; g < grid; ++g) {
+        const UnitRange r = persistent_units(units, grid, g);
+        EXPECT(r.begin <= r.end && r.end <= units, "%s: grid %lld block %lld: [%lld, %lld)", name, (long long)grid,
+               (long long)g, (long long)r.begin, (long long)r.end);
+        min_share = std::min(min_share, r.end - r.begin);
+        max_share = std::max(max_share, r.end - r.begin);
+        for (int64_t u = r.begin; u < r.end && u < units; ++u) {
+          EXPECT(owner[u] == -1, "%s: unit %lld owned twice", name, (long long)u);
+          owner[u] = static_cast<int>(g);
+        }
+      }
+      EXPECT(max_share - min_share <= 1, "%s: grid %lld: shares %lld..%lld", name, (long long)grid,
+             (long long)min_share, (long long)max_share);
+      for (int64_t u = 0; u < units; ++u) EXPECT(owner[u] != -1, "%s: unit %lld has no owner", name, (long long)u);
+    }
+    for (int b = 0; b < n_blocks; ++b) {  // the slices tile the chunk
+      const BlockChunk c = block_chunk(meta, b);
+      const int64_t es = elem_size(c.dtype);
+      uintptr_t next = reinterpret_cast<uintptr_t>(c.ptr);
+      int64_t covered = 0;
+      for (int k = 0; k < kSlicesPerChunk; ++k) {
+        const BlockChunk sl = unit_slice(meta, int64_t{b} * kSlicesPerChunk + k);
+        EXPECT(sl.dtype == c.dtype, "%s: slice dtype", name);
+        if (sl.len == 0) continue;
+        EXPECT(reinterpret_cast<uintptr_t>(sl.ptr) == next, "%s: block %d slice %d not contiguous", name, b, k);
+        EXPECT(reinterpret_cast<uintptr_t>(sl.ptr) % kVecBytes == reinterpret_cast<uintptr_t>(c.ptr) % kVecBytes,
+               "%s: block %d slice %d changes the alignment", name, b, k);
+        next += static_cast<uintptr_t>(sl.len * es);
+        covered += sl.len;
+      }
+      EXPECT(covered == c.len, "%s: block %d: slices cover %lld of %d elements", name, b, (long long)covered, c.len);
+    }
+  });
+  EXPECT(launches >= 1 || count_blocks(pieces) == 0, "%s: no launch", name);
+}
+
 void check_vec_split() {
   for (int es : {2, 4, 8}) {
     const int per_vec = kVecBytes / es;
@@ -269,6 +322,15 @@ int main() {
     check_apply(specs, "random");
     if (trial % 10 == 0) check_reversed(specs, "random");
     ++cases;
+  }
+  {  // the persistent clip's split, on lists that fit one table (and one that does not: per table)
+    std::vector<Spec> model;
+    for (int i = 0; i < 180; ++i) model.push_back({(i % 9 == 0) ? 0 : (i * 7919) % (2 * C) + 1, DType(i % 4), i % 8});
+    check_persistent_split(model, "persistent: a segmentation-sized list");
+    check_persistent_split({{1, DType::kFloat, 0}}, "persistent: one element");
+    check_persistent_split({{C + 1, DType::kHalf, 3}, {kSliceElems - 1, DType::kDouble, 1}, {kSliceElems + 1, DType::kFloat, 0}},
+                           "persistent: slice size +-1");
+    cases += 3;
   }
   check_vec_split();
   ++cases;
