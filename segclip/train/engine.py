@@ -5,9 +5,13 @@ Per step, in order:
 1. data: wait for the batch and copy it to the device;
 2. forward: the model and the loss (cross-entropy, + 0.5 x the aux head's where there is one);
 3. backward: ``scaler.scale(loss).backward()`` (the scaler is a no-op unless fp16 on CUDA);
-4. clip: ``scaler.unscale_(optimizer)`` first, so clipping always sees the true gradients, then
-   ``segclip.fused_clip_`` (``--clip fused``), ``torch.nn.utils.clip_grad_norm_`` (``torch``), or
-   only the norm (``none``: ``segclip.total_norm``, for the log and the non-finite check);
+4. clip: ``--clip fused``: ``segclip.clip_optimizer_(optimizer, scaler=scaler)``, which replaces
+   ``unscale_`` + clip; with torch's fused optimizer (the default where it exists) only the norm is
+   computed here and the clip is folded into the optimizer step, so the clip's write shows in
+   ``step`` (docs/fold.md; which path ran is ``clip_path`` in every step record and epoch summary).
+   Otherwise ``scaler.unscale_(optimizer)`` first, so clipping always sees the true gradients, then
+   ``torch.nn.utils.clip_grad_norm_`` (``torch``) or only the norm (``none``: ``segclip.total_norm``,
+   for the log and the non-finite check);
 5. step: when the loss and the norm are finite, ``scaler.step(optimizer)``; otherwise the step is
    skipped and counted, and after ``max_nonfinite`` consecutive skips :class:`NonFiniteStop` is
    raised. Then ``scaler.update()`` and the LR schedule's per-iteration step.
@@ -84,6 +88,7 @@ class EpochSummary:
     images: int = 0
     seconds: float = 0.0
     phase_seconds: dict = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    clip_path: str | None = None  # --clip fused: segclip.fold.fold_path's answer; else the clip mode
     foreground_pixels: int = 0  # training pixels of a class >= 1 (not void), all ranks (approximate when large)
     stopped: bool = False       # the epoch stopped early: a stop was requested (see segclip.train.interrupt)
 
@@ -109,7 +114,7 @@ class EpochSummary:
             "grad_norm_median": norms[len(norms) // 2] if norms else None,
             "images": self.images, "seconds": self.seconds,
             "images_per_second": self.images / self.seconds if self.seconds > 0 else None,
-            "phase_seconds": dict(self.phase_seconds),
+            "phase_seconds": dict(self.phase_seconds), "clip_path": self.clip_path,
         }
 
 
@@ -176,8 +181,14 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         sync()
         now = time.perf_counter(); times["backward"] = now - mark; mark = now
 
-        scaler.unscale_(optimizer)  # clipping sees unscaled gradients (no-op without fp16)
-        norm = clip_gradients(params, cfg)
+        if cfg.clip == "fused":  # unscale_ + clip in fewer passes, folded into a fused step
+            if summary.clip_path is None:
+                summary.clip_path = segclip.fold.fold_path(optimizer, scaler=scaler, norm_type=cfg.norm_type)
+            norm = segclip.clip_optimizer_(optimizer, cfg.max_norm, scaler=scaler, norm_type=cfg.norm_type)
+        else:
+            summary.clip_path = cfg.clip
+            scaler.unscale_(optimizer)  # clipping sees unscaled gradients (no-op without fp16)
+            norm = clip_gradients(params, cfg)
         sync()
         now = time.perf_counter(); times["clip"] = now - mark; mark = now
 
@@ -220,6 +231,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             "step": state.step, "epoch": epoch + 1, "iter": it, "lr": lr,  # logs count epochs from 1
             "loss": _finite_or_none(loss_value), "grad_norm": _finite_or_none(norm_value),
             "clipped": bool(clipped), "skipped": not finite, "batch": images.shape[0],
+            "clip_path": summary.clip_path,
             **{f"t_{k}": v for k, v in times.items()},
         }
         if on_step is not None:

@@ -252,8 +252,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     for b, m in zip(bars, medians):
         ax.annotate(f"{m:.1f} ms\n{100 * m / shown:.1f}%" if shown else "", (b.get_x() + b.get_width() / 2, m),
                     textcoords="offset points", xytext=(0, 2), ha="center", fontsize=8)
+    path = next((r["clip_path"] for r in steps if r.get("clip_path")), None)
+    path = f" ({path})" if path and path != clip_mode else ""  # --clip fused: folded, one-pass or plain
     ax.set(ylabel="ms per step (median)",
-           title=f"time per step: median {median_step:.0f} ms (mean {mean_step:.0f} ms), clip={clip_mode}\n{title}")
+           title=f"time per step: median {median_step:.0f} ms (mean {mean_step:.0f} ms), clip={clip_mode}{path}\n{title}")
     ax.set_ylim(0, max(medians) * 1.25 if shown else 1)
     ax.grid(alpha=0.3, axis="y")
     save(fig, "timing.png")
