@@ -180,10 +180,11 @@ def _state(pending: _Pending, optimizer) -> str:
         if state is not pending.scaler_state or state["stage"] is not torch.amp.grad_scaler.OptState.UNSCALED:
             return "stale"
     grads = _current_grads(optimizer)
-    same = [any(g is h for h, _ in pending.grads) for g in grads]
-    if not any(same):
+    seen = {id(h) for h, _ in pending.grads}  # pending.grads keeps them alive: ids are not reused
+    same = sum(id(g) in seen for g in grads)
+    if same == 0:
         return "stale"
-    if len(grads) != len(pending.grads) or not all(same) or \
+    if same != len(grads) or len(grads) != len(pending.grads) or \
             any(g._version != version for g, version in pending.grads):
         return "changed"
     return "valid"
