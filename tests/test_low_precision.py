@@ -44,7 +44,7 @@ def test_low_precision_grads_differ_from_torch_by_torchs_coefficient_rounding(dt
     u = UNIT_ROUNDOFF[dtype]
     eps = torch.finfo(dtype).eps
     base = int(torch.randint(0, 2**31, ()))
-    torch_coef_errs, max_ulps, differing, torch_beyond_one_rounding = [], 0.0, 0, 0
+    torch_coef_errs, max_ulps, differing, torch_not_rounded_once = [], 0.0, 0, 0
     for trial in range(12):
         ours, theirs, grads = _pair(dtype, base + trial)
         exact = oracle_norm(grads, 2.0)
@@ -61,10 +61,8 @@ def test_low_precision_grads_differ_from_torch_by_torchs_coefficient_rounding(dt
             assert_clipped_close(p.grad, g, exact_coef, rtol=2e-5)
             # torch: the same plus its coefficient's error (bounded below).
             assert_clipped_close(q.grad, g, exact_coef, rtol=3 * u)
-            try:
-                assert_clipped_close(q.grad, g, exact_coef, rtol=1e-6)
-            except AssertionError:
-                torch_beyond_one_rounding += 1
+            # torch's gradients that are not the exact product rounded once to their dtype
+            torch_not_rounded_once += int((q.grad != (g.double() * exact_coef).to(dtype)).sum())
             spacing = (g.double() * exact_coef).abs().clamp_min(torch.finfo(dtype).tiny) * eps
             max_ulps = max(max_ulps, float(((p.grad.double() - q.grad.double()).abs() / spacing).max()))
             differing += int((p.grad != q.grad).sum())
@@ -73,8 +71,11 @@ def test_low_precision_grads_differ_from_torch_by_torchs_coefficient_rounding(dt
     assert max(torch_coef_errs) <= 3.0, torch_coef_errs
     assert max_ulps <= 2.5, max_ulps
     # The difference is real (so the checks above can fail): torch's coefficient is rounded, and
-    # some of its gradients are beyond one rounding of the exact product.
-    assert max(torch_coef_errs) > 0.05 and differing > 0 and torch_beyond_one_rounding > 0
+    # some of its gradients are not the exact product rounded once. (Counting those beyond one
+    # rounding *plus* a 1e-6 coefficient error instead held in only ~3 of 4 random draws: the
+    # tolerance of assert_clipped_close is a whole ulp, and torch's extra error often fits in it.)
+    assert max(torch_coef_errs) > 0.05, torch_coef_errs
+    assert differing > 0 and torch_not_rounded_once > 0
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
