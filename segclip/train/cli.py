@@ -135,7 +135,7 @@ def _add_data_options(p: argparse.ArgumentParser, for_eval: bool = False):
 
 
 def _register_train(sub) -> None:
-    from .engine import CLIP_MODES
+    from .engine import CLIP_KINDS, CLIP_MODES
     from .optim import OPTIMIZERS
 
     p = options.track(sub.add_parser(
@@ -209,6 +209,19 @@ def _register_train(sub) -> None:
     g.add_argument("--norm-type", type=_norm_type, default=2.0,
                    check=lambda v: None if positive()(v) is None else "a positive number or inf (the p of the p-norm)",
                    help="p of the p-norm (e.g. 1, 2, inf)")
+    g.add_argument("--clip-mode", default="norm", choices=CLIP_KINDS,
+                   help="what is clipped: norm: the total norm to --max-norm; value: every element to "
+                        "[-A, A] (--clip-value A); agc: unit-wise adaptive clipping (--clip-factor); auto: "
+                        "AutoClip, the norm to the --clip-percentile of the norms so far; zscore: ZClip, "
+                        "norm spikes above mean + --z-thresh std of its EMA")
+    g.add_argument("--clip-value", type=float, default=1.0, check=non_negative(),
+                   help="--clip-mode value: the bound A of clip(grad, -A, A)")
+    g.add_argument("--clip-factor", type=float, default=0.01, check=non_negative_finite(),
+                   help="--clip-mode agc: the largest gradient-to-weight norm ratio per unit")
+    g.add_argument("--clip-percentile", type=float, default=10.0, check=between(0, 100),
+                   help="--clip-mode auto: the percentile of the norms seen so far")
+    g.add_argument("--z-thresh", type=float, default=2.5, check=non_negative_finite(),
+                   help="--clip-mode zscore: the z-score above which a norm is a spike")
     g.add_argument("--max-nonfinite", type=int, default=20, check=at_least(1),
                    help="stop (with a checkpoint) after this many consecutive non-finite steps")
     g = p.add_argument_group("run")

@@ -42,6 +42,9 @@ from .palette import VOID
 from .runlog import PHASES
 
 CLIP_MODES = ("fused", "torch", "none")
+# What is clipped (--clip-mode): the total norm, each element, each unit (AGC), or the norm to a bound
+# that follows its history (AutoClip, ZClip; their state is in TrainState and so in the checkpoint).
+CLIP_KINDS = ("norm", "value", "agc", "auto", "zscore")
 
 
 class NonFiniteStop(RuntimeError):
@@ -58,6 +61,14 @@ class StepConfig:
     sync_timing: bool = False
     max_nonfinite: int = 20
     channels_last: bool = False  # input batches in channels_last (the model is converted by the caller)
+    clip_mode: str = "norm"
+    clip_value: float = 1.0
+    clip_factor: float = 0.01
+    clipper: object = None  # segclip.AutoClip / ZClip for clip_mode auto / zscore
+
+    def norm_bounded(self) -> bool:
+        """Whether a norm above max_norm means this step was clipped (for the log)."""
+        return self.clip != "none" and self.clip_mode == "norm"
 
     @property
     def amp_dtype(self) -> torch.dtype:
@@ -71,10 +82,12 @@ class TrainState:
     step: int = 0               # optimizer iterations done (skipped ones included)
     skipped_total: int = 0      # steps skipped for a non-finite loss or norm
     consecutive_nonfinite: int = 0
+    clipper: object = None      # AutoClip / ZClip: its history resumes with the run
 
     def to_dict(self) -> dict:
         return {"step": self.step, "skipped_total": self.skipped_total,
-                "consecutive_nonfinite": self.consecutive_nonfinite}
+                "consecutive_nonfinite": self.consecutive_nonfinite,
+                "clipper": None if self.clipper is None else self.clipper.state_dict()}
 
 
 @dataclass
@@ -124,6 +137,8 @@ def _finite_or_none(x: float) -> float | None:
 
 def clip_gradients(params: list[torch.Tensor], cfg: StepConfig) -> torch.Tensor:
     """The total gradient norm before clipping, clipping in place unless ``cfg.clip == 'none'``."""
+    if cfg.clip != "none" and cfg.clip_mode != "norm":
+        return _clip_other(params, cfg)
     if cfg.clip == "fused":
         return segclip.fused_clip_(params, cfg.max_norm, cfg.norm_type)
     if cfg.clip == "torch":
@@ -131,6 +146,21 @@ def clip_gradients(params: list[torch.Tensor], cfg: StepConfig) -> torch.Tensor:
     if cfg.clip == "none":
         return segclip.total_norm([p.grad for p in params if p.grad is not None], cfg.norm_type)
     raise ValueError(f"unknown clip mode {cfg.clip!r}; choose one of {CLIP_MODES}")
+
+
+def _clip_other(params: list[torch.Tensor], cfg: StepConfig) -> torch.Tensor:
+    """--clip-mode value / agc / auto / zscore; the norm returned is the one before clipping."""
+    if cfg.clip_mode in ("auto", "zscore"):
+        return cfg.clipper(params)
+    norm = segclip.total_norm([p.grad for p in params if p.grad is not None], cfg.norm_type)
+    if cfg.clip_mode == "value":
+        clip_value = segclip.clip_grad_value_ if cfg.clip == "fused" else torch.nn.utils.clip_grad_value_
+        clip_value(params, cfg.clip_value)
+    elif cfg.clip_mode == "agc":
+        segclip.adaptive_clip_(params, cfg.clip_factor, backend="auto" if cfg.clip == "fused" else "torch")
+    else:
+        raise ValueError(f"unknown clip mode {cfg.clip_mode!r}; choose one of {CLIP_KINDS}")
+    return norm
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
@@ -218,7 +248,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         now = time.perf_counter(); times["step"] = now - mark; mark = now
 
         state.step += 1
-        clipped = finite and cfg.clip != "none" and norm_value > cfg.max_norm
+        clipped = finite and cfg.norm_bounded() and norm_value > cfg.max_norm
         summary.steps += 1
         summary.images += images.shape[0] * world
         if finite:

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import segclip
+
 from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
 from .data import DataError, absolute_path, open_split, eval_loader, resolve_data, train_loader
@@ -145,6 +147,17 @@ def check_run_folder(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--out {out} already holds a run ({', '.join(held)}); continue it with "
                          f"--resume {out / 'last.pt'}, or choose another --out (or delete the folder)")
     return [name for name in (STEPS, EPOCHS, METRICS) if (out / name).exists()]
+
+
+def make_clipper(args):
+    """The stateful clipper of --clip-mode auto / zscore (None for the other modes)."""
+    if args.clip == "none":
+        return None
+    if args.clip_mode == "auto":
+        return segclip.AutoClip(args.clip_percentile)
+    if args.clip_mode == "zscore":
+        return segclip.ZClip(z_thresh=args.z_thresh)
+    return None
 
 
 def make_checkpoint(model, optimizer, scheduler, scaler, epoch: int, state: TrainState, best_miou,
@@ -338,8 +351,10 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     cfg = StepConfig(device=device, clip=args.clip, max_norm=args.max_norm, norm_type=args.norm_type,
                      amp=amp, sync_timing=args.sync_timing, max_nonfinite=args.max_nonfinite,
-                     channels_last=args.channels_last)
-    state = TrainState()
+                     channels_last=args.channels_last,
+                     clip_mode=args.clip_mode, clip_value=args.clip_value, clip_factor=args.clip_factor,
+                     clipper=make_clipper(args))
+    state = TrainState(clipper=cfg.clipper)
     start_epoch, start_iter, partial, best_miou = 0, 0, None, None
 
     # Run folder (rank 0 picks the name; every rank agrees on it)
@@ -369,7 +384,9 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
             log(note)
         scaler.load_state_dict(resume["scaler"])
         ts = resume["train_state"]
-        state = TrainState(ts["step"], ts["skipped_total"], ts["consecutive_nonfinite"])
+        state = TrainState(ts["step"], ts["skipped_total"], ts["consecutive_nonfinite"], cfg.clipper)
+        if cfg.clipper is not None and ts.get("clipper") is not None:
+            cfg.clipper.load_state_dict(ts["clipper"])  # the norm history, so the bound resumes exactly
         best_miou = resume.get("best_miou")
         rngs = resume["rng"]
         if resume.get("world_size") == info.world:
@@ -394,7 +411,7 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     })
     log(f"{args.model} on {device}{f' x{info.world} (DDP)' if info.enabled else ''}: "
         f"{len(train_set)} train / {len(val_set)} val images from {loc.voc_dir}, crop {crop}, "
-        f"{iters_per_epoch} steps/epoch, {args.optimizer} ({opt_impl}), clip={args.clip}"
+        f"{iters_per_epoch} steps/epoch, {args.optimizer} ({opt_impl}), clip={args.clip} mode={args.clip_mode}"
         f"{f' max_norm={args.max_norm:g}' if args.clip != 'none' else ''} norm_type={args.norm_type:g}, "
         f"amp={'off' if not amp else cfg.amp_dtype}; run folder {run_dir}")
 
