@@ -211,7 +211,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         sync()
         now = time.perf_counter(); times["backward"] = now - mark; mark = now
 
-        if cfg.clip == "fused":  # unscale_ + clip in fewer passes, folded into a fused step
+        if cfg.clip == "fused" and cfg.clip_mode == "norm":  # unscale_ + clip folded into a fused step
             if summary.clip_path is None:
                 summary.clip_path = segclip.fold.fold_path(optimizer, scaler=scaler, norm_type=cfg.norm_type)
             norm = segclip.clip_optimizer_(optimizer, cfg.max_norm, scaler=scaler, norm_type=cfg.norm_type)
