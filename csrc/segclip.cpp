@@ -43,6 +43,13 @@
 //      device (the CUDA kernel queues the memset, the norm launches and the scale launches, which
 //      read the coefficient on the device; nothing is written when it is >= 1). Returns the norm
 //      and the coefficient (new tensors, aliasing no input).
+//  * multi_tensor_group_partials(tensors, groups, num_groups, norm_type) -> Tensor
+//      Per-group norms from one pass: groups[i] in [0, num_groups) is tensors[i]'s group. Returns a
+//      float64 tensor of shape (num_groups + 1,) on the tensors' device: per group, then over all
+//      tensors, the sum of |x|^p for norm_type p = 1 or 2, or max |x| for inf (0 for an empty group;
+//      NaN propagates). No root is taken, so partials from several processes add up (segclip/
+//      distributed.py); the last entry is what multi_tensor_norm reduces before its root (CPU: bitwise).
+//      Kernels: cpu/group_norms_cpu.cpp (a device without one goes through segclip/partials.py).
 #include <Python.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -61,6 +68,7 @@ TORCH_LIBRARY(segclip, m) {
   m.def("multi_tensor_adaptive_clip_(Tensor[] weights, Tensor(a!)[] grads, float clip_factor, float eps, "
         "float norm_type) -> ()");
   m.def("multi_tensor_clip_(Tensor(a!)[] tensors, float norm_type, float max_norm) -> (Tensor, Tensor)");
+  m.def("multi_tensor_group_partials(Tensor[] tensors, int[] groups, int num_groups, float norm_type) -> Tensor");
 }
 
 // NOTE: [version counter]
@@ -216,6 +224,11 @@ std::tuple<at::Tensor, at::Tensor> clip_sparse(at::TensorList tensors, double, d
   return {};
 }
 
+at::Tensor group_partials_sparse(at::TensorList tensors, at::IntArrayRef, int64_t, double) {
+  refuse_sparse(tensors, "segclip::multi_tensor_group_partials");
+  return {};
+}
+
 }  // namespace
 
 #define SEGCLIP_REFUSE_SPARSE(key)                         \
@@ -224,6 +237,7 @@ std::tuple<at::Tensor, at::Tensor> clip_sparse(at::TensorList tensors, double, d
     m.impl("multi_tensor_norm_coef", &norm_coef_sparse);   \
     m.impl("multi_tensor_scale_", &scale_sparse);          \
     m.impl("multi_tensor_clip_", &clip_sparse);            \
+    m.impl("multi_tensor_group_partials", &group_partials_sparse); \
   }
 SEGCLIP_REFUSE_SPARSE(SparseCPU)
 SEGCLIP_REFUSE_SPARSE(SparseCUDA)

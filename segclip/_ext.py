@@ -97,6 +97,25 @@ def compiled_for(device_type: str) -> bool:
     return (device_type == "cpu" and CPU_LOADED) or (device_type == "cuda" and CUDA_LOADED)
 
 
+def use_kernel(backend: str, device: torch.device) -> bool:
+    """True when ``device``'s gradients go to a compiled kernel, False for segclip.reference.
+
+    ``backend`` is a public call's argument (``auto``, ``torch``, ``cpu`` or ``cuda``): ``auto`` follows
+    SEGCLIP_BACKEND, then the kernels compiled here; an explicit one that cannot run raises.
+    """
+    requested = ENV_BACKEND if backend == "auto" else backend
+    if requested == "auto":
+        return compiled_for(device.type)
+    if requested == "torch":
+        return False
+    if device.type != requested:
+        raise ValueError(f"backend={requested!r} cannot handle gradients on {device}; "
+                         "use backend='auto' to pick a backend per device")
+    if not compiled_for(requested):
+        raise RuntimeError(f"backend={requested!r} is unavailable: {backends()[requested].reason}")
+    return True
+
+
 def backends() -> dict[str, BackendInfo]:
     """Which backends exist on this machine and, for each one that does not, why.
 

@@ -59,3 +59,9 @@ if _ext.CPU_LOADED:
         _check_devices(tensors, "segclip::multi_tensor_clip_")
         dtype = _norm_dtype(tensors)
         return tensors[0].new_empty((), dtype=dtype), tensors[0].new_empty((), dtype=dtype)
+
+    @torch.library.register_fake("segclip::multi_tensor_group_partials")
+    def _multi_tensor_group_partials_fake(tensors, groups, num_groups, norm_type):
+        _check_devices(tensors, "segclip::multi_tensor_group_partials")
+        torch._check(len(groups) == len(tensors), lambda: "segclip::multi_tensor_group_partials: one group per tensor")
+        return tensors[0].new_empty((num_groups + 1,), dtype=torch.float64)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from . import _ext, _ops, norm_math, reference  # noqa: F401  (_ops registers the fake kernels)
+from . import _ext, _ops, distributed, norm_math, reference  # noqa: F401  (_ops registers the fake kernels)
 
 BACKENDS = ("auto", "torch", "cpu", "cuda")
 # Norm types the kernels compute; any other goes through segclip.reference on every backend.
@@ -103,17 +103,7 @@ def _grads_of(parameters: list) -> list[Tensor]:
 
 def _resolve(backend: str, device: torch.device) -> bool:
     """True when ``device``'s gradients go to a compiled kernel, False for segclip.reference."""
-    requested = _ext.ENV_BACKEND if backend == "auto" else backend
-    if requested == "auto":
-        return _ext.compiled_for(device.type)
-    if requested == "torch":
-        return False
-    if device.type != requested:
-        raise ValueError(f"backend={requested!r} cannot handle gradients on {device}; "
-                         "use backend='auto' to pick a backend per device")
-    if not _ext.compiled_for(requested):
-        raise RuntimeError(f"backend={requested!r} is unavailable: {_ext.backends()[requested].reason}")
-    return True
+    return _ext.use_kernel(backend, device)  # in _ext, so that segclip.partials can share it
 
 
 def _plan(grads: list[Tensor], backend: str) -> list[_Group]:
@@ -221,7 +211,7 @@ def _fast_clip(params: list, max_norm: float, norm_type: float, error_if_nonfini
 
 def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float = 2.0,
                 error_if_nonfinite: bool = False, foreach: bool | None = None, *,
-                backend: str = "auto") -> Tensor:
+                backend: str = "auto", process_group=None) -> Tensor:
     """Clips the gradient norm of ``parameters`` in place; a drop-in for ``torch.nn.utils.clip_grad_norm_``.
 
     The norm over all gradients is taken in one fused multi-tensor pass per device; the clip
@@ -243,9 +233,14 @@ def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float 
             paths, and give the same result whatever its value.
         backend: ``"auto"`` (per device: the compiled kernel when one is built, else PyTorch),
             ``"torch"``, ``"cpu"`` or ``"cuda"`` (that kernel or an error saying why not).
+        process_group: a ``torch.distributed`` group whose ranks each pass their own shards of the
+            gradients (ZeRO-style); all of them get the global norm and clip by it. Not needed for DDP
+            (its gradients are already reduced) nor for DTensor gradients (FSDP2, tensor parallel:
+            their mesh names the processes). See segclip.distributed.
 
     Returns:
-        The total norm before clipping: a 0-dim float32 tensor (float64 when any gradient is float64)
+        The total norm before clipping (for DTensor gradients, as torch: a DTensor replicated on their
+        mesh, whose ``full_tensor()`` is the global norm): a 0-dim float32 tensor (float64 when any gradient is float64)
         on the first gradient's device, whatever the gradients' dtype (torch returns a bfloat16 norm
         for bfloat16 gradients). ``tensor(0.)`` when no parameter has a gradient.
 
@@ -259,11 +254,13 @@ def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float 
     max_norm = _parse_max_norm(max_norm)
     norm_type = float(norm_type)  # the errors torch gives for a bad norm_type
     params = _as_list(parameters, "parameters")
-    if not torch.compiler.is_compiling():
+    if process_group is None and not torch.compiler.is_compiling():
         fast = _fast_clip(params, max_norm, norm_type, error_if_nonfinite, backend)
         if fast is not None:
             return fast
     grads = _grads_of(params)
+    if process_group is not None or distributed.any_dtensor(grads):  # every rank takes part, grads or not
+        return distributed.fused_clip_(grads, max_norm, norm_type, error_if_nonfinite, backend, process_group)
     if not grads:
         return _empty_norm()
     with torch.no_grad():
@@ -280,16 +277,16 @@ clip_grad_norm_ = fused_clip_
 
 
 def total_norm(tensors: _TensorOrTensors, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-               foreach: bool | None = None, *, backend: str = "auto") -> Tensor:
+               foreach: bool | None = None, *, backend: str = "auto", process_group=None) -> Tensor:
     """The norm of ``tensors`` viewed as one vector, like ``torch.nn.utils.get_total_norm``.
 
     Args:
         tensors: a Tensor or an iterable of Tensors (None entries are skipped), e.g. the gradients.
-        norm_type, error_if_nonfinite, foreach, backend: as for :func:`fused_clip_`.
+        norm_type, error_if_nonfinite, foreach, backend, process_group: as for :func:`fused_clip_`.
 
     Returns:
         A 0-dim float32 tensor (float64 when any tensor is float64) on the first tensor's device;
-        ``tensor(0.)`` for no tensors.
+        ``tensor(0.)`` for no tensors; for DTensors, a DTensor as for :func:`fused_clip_`.
     """
     _check_backend(backend)
     norm_type = float(norm_type)
@@ -301,6 +298,8 @@ def total_norm(tensors: _TensorOrTensors, norm_type: float = 2.0, error_if_nonfi
             raise TypeError(f"tensors[{i}] is {_a(t)}, expected a Tensor")
         _check_tensor(t, f"tensors[{i}]")
         tensors.append(t)
+    if process_group is not None or distributed.any_dtensor(tensors):
+        return distributed.total_norm(tensors, norm_type, error_if_nonfinite, backend, process_group)
     if not tensors:
         return _empty_norm()
     with torch.no_grad():
@@ -322,6 +321,8 @@ def clip_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_norm: T
     _check_backend(backend)
     max_norm = _parse_max_norm(max_norm)
     grads = _grads_of(_as_list(parameters))
+    if distributed.any_dtensor(grads) or distributed.is_dtensor(total_norm):
+        return distributed.clip_with_norm_(grads, max_norm, total_norm, backend)
     if not grads:
         return
     if not isinstance(total_norm, Tensor):  # a number: in the gradients' accumulation dtype

@@ -15,6 +15,7 @@
 #include "../inplace_checks.h"
 #include "../scale_out_of_place.h"
 #include "../shared_memory.h"
+#include "norm_partials.h"
 
 namespace segclip {
 namespace {
@@ -182,7 +183,7 @@ void check_tensors(at::TensorList tensors, const char* op) {
 }
 
 template <NormKind K>
-double reduce_chunks(const std::vector<at::Tensor>& flat, const std::vector<Chunk>& chunks) {
+std::vector<double> reduce_chunks(const std::vector<at::Tensor>& flat, const std::vector<Chunk>& chunks) {
   std::vector<double> partials(chunks.size());
   for_each_chunk(flat, chunks, [&](int64_t c) {
     const Chunk& ch = chunks[c];
@@ -191,31 +192,51 @@ double reduce_chunks(const std::vector<at::Tensor>& flat, const std::vector<Chun
       partials[c] = chunk_partial<scalar_t, K>(t.const_data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin);
     });
   });
-  double total = 0.0;
-  for (double p : partials) total = combine<K>(total, p);
-  if constexpr (K == NormKind::kL2) total = std::sqrt(total);
-  return total;
+  return partials;
 }
 
-// The norm in double and the output dtype (float64 if any input is float64, else float32) of a
-// list that passed check_tensors.
-std::tuple<double, at::ScalarType> compute_norm(at::TensorList tensors, NormKind kind) {
-  at::ScalarType out_dtype = at::kFloat;
+// The chunks' partial results of a list that passed check_tensors.
+ChunkPartials chunk_partials(at::TensorList tensors, NormKind kind) {
+  ChunkPartials out;
+  out.out_dtype = at::kFloat;
+  out.is_max = kind == NormKind::kLinf;
   std::vector<at::Tensor> flat;
   flat.reserve(tensors.size());
   for (const at::Tensor& t : tensors) {
-    if (t.scalar_type() == at::kDouble) out_dtype = at::kDouble;
+    if (t.scalar_type() == at::kDouble) out.out_dtype = at::kDouble;
     flat.push_back(is_flat(t) ? t : t.contiguous());  // a strided view: read a packed copy
   }
   const std::vector<Chunk> chunks = make_chunks(flat);
-  double total = 0.0;
   switch (kind) {
-    case NormKind::kL2: total = reduce_chunks<NormKind::kL2>(flat, chunks); break;
-    case NormKind::kL1: total = reduce_chunks<NormKind::kL1>(flat, chunks); break;
-    case NormKind::kLinf: total = reduce_chunks<NormKind::kLinf>(flat, chunks); break;
+    case NormKind::kL2: out.partials = reduce_chunks<NormKind::kL2>(flat, chunks); break;
+    case NormKind::kL1: out.partials = reduce_chunks<NormKind::kL1>(flat, chunks); break;
+    case NormKind::kLinf: out.partials = reduce_chunks<NormKind::kLinf>(flat, chunks); break;
   }
-  return {total, out_dtype};
+  out.tensor_of.reserve(chunks.size());
+  for (const Chunk& ch : chunks) out.tensor_of.push_back(ch.tensor);
+  return out;
 }
+
+// The norm in double and the output dtype (float64 if any input is float64, else float32) of a
+// list that passed check_tensors: the chunks' partials combined in chunk order.
+std::tuple<double, at::ScalarType> compute_norm(at::TensorList tensors, NormKind kind) {
+  const ChunkPartials p = chunk_partials(tensors, kind);
+  double total = 0.0;
+  for (double x : p.partials) total = combine_partial(total, x, p.is_max);
+  if (kind == NormKind::kL2) total = std::sqrt(total);
+  return {total, p.out_dtype};
+}
+
+}  // namespace
+
+// Declared in norm_partials.h (the per-group norms of cpu/group_norms_cpu.cpp read the same partials).
+ChunkPartials norm_chunk_partials(at::TensorList tensors, double norm_type, const char* op) {
+  TORCH_CHECK(!tensors.empty(), op, ": expected a non-empty list of tensors");
+  check_tensors(tensors, op);
+  return chunk_partials(tensors, norm_kind(norm_type));
+}
+
+namespace {
 
 // Checks the list, then returns its norm (see compute_norm).
 std::tuple<double, at::ScalarType> norm_impl(at::TensorList tensors, double norm_type, const char* op) {

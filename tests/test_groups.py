@@ -1,0 +1,187 @@
+"""Per-group norms (segclip.group_norms, segclip.clip_groups_) and their op,
+segclip::multi_tensor_group_partials, against float64 references."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import segclip
+from conftest import (ALL_DTYPES, CPU_BACKENDS, KERNEL_NORM_TYPES, NORM_RTOL, OTHER_NORM_TYPES, assert_norm_close,
+                      make_params, needs_cpu_kernel, oracle_norm)
+
+op = torch.ops.segclip.multi_tensor_group_partials if hasattr(torch.ops.segclip, "multi_tensor_group_partials") \
+    else None
+
+
+def _oracle_partial(tensors, norm_type: float) -> float:
+    """The sum of |x|^p (max |x| for inf) over all elements, float64."""
+    xs = [t.detach().double().flatten() for t in tensors if t.numel()]
+    if not xs:
+        return 0.0
+    x = torch.cat(xs).abs()
+    return float(x.max()) if math.isinf(norm_type) else float(x.pow(norm_type).sum())
+
+
+def _mixed_tensors():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randn(70_000, generator=g), torch.randn(3, 40, generator=g).t(),  # a view with gaps
+            torch.randn(0), torch.randn(130_001, generator=g).to(torch.bfloat16),
+            (torch.randn(9, generator=g) * 1e3).to(torch.float16), torch.randn(17, generator=g, dtype=torch.float64),
+            torch.randn(2, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last)]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("norm_type", KERNEL_NORM_TYPES)
+def test_op_against_float64(norm_type):
+    tensors = _mixed_tensors()
+    groups = [2, 0, 1, 2, 0, 0, 2]  # group 1 holds only an empty tensor; group 3 has none
+    out = op(tensors, groups, 4, norm_type)
+    assert out.dtype == torch.float64 and out.shape == (5,)
+    for k in range(4):
+        want = _oracle_partial([t for t, g in zip(tensors, groups) if g == k], norm_type)
+        assert out[k].item() == pytest.approx(want, rel=1e-6, abs=0.0), k
+    assert out[-1].item() == pytest.approx(_oracle_partial(tensors, norm_type), rel=1e-6)
+    # The total is bitwise what multi_tensor_norm takes the root of, on every thread count.
+    root = out[-1].sqrt() if norm_type == 2 else out[-1]
+    assert root.to(torch.float64).item() == torch.ops.segclip.multi_tensor_norm(tensors, norm_type).item()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(op(tensors, groups, 4, norm_type), out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_cpu_kernel
+def test_op_planted_group_error_is_caught():
+    tensors = _mixed_tensors()
+    right = op(tensors, [0, 1, 0, 1, 0, 1, 0], 2, 2.0)
+    wrong = op(tensors, [1, 1, 0, 1, 0, 1, 0], 2, 2.0)  # one tensor in the other group
+    assert right[0].item() != pytest.approx(wrong[0].item(), rel=1e-6)
+    assert right[-1].item() == wrong[-1].item()
+
+
+@needs_cpu_kernel
+def test_op_nan_and_inf_propagate():
+    t = [torch.tensor([1.0, math.nan]), torch.tensor([math.inf, 2.0]), torch.tensor([3.0])]
+    for norm_type in KERNEL_NORM_TYPES:
+        out = op(t, [0, 1, 2], 3, norm_type)
+        assert math.isnan(out[0]) and math.isinf(out[1]) and math.isnan(out[-1])
+        assert out[2].item() == (9.0 if norm_type == 2 else 3.0)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("norm_type", KERNEL_NORM_TYPES)
+def test_opcheck(norm_type):
+    for tensors, groups, n in ((_mixed_tensors(), [0, 1, 0, 1, 0, 1, 0], 2), ([torch.randn(5)], [0], 1),
+                               ([torch.randn(0)], [0], 3)):
+        torch.library.opcheck(op.default, (tensors, groups, n, norm_type))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("args, words", [
+    (([torch.ones(2)], [0, 0], 1, 2.0), "one group index per tensor"),
+    (([torch.ones(2)], [1], 1, 2.0), "groups[0] is 1"),
+    (([torch.ones(2)], [-1], 1, 2.0), "groups[0] is -1"),
+    (([torch.ones(2)], [0], -1, 2.0), "num_groups must be >= 0"),
+    (([], [], 1, 2.0), "non-empty list"),
+    (([torch.ones(2)], [0], 1, 3.0), "norm_type 1, 2 and inf"),
+    (([torch.ones(2, dtype=torch.int32)], [0], 1, 2.0), "tensors[0] has dtype Int"),
+])
+def test_op_bad_arguments(args, words):
+    with pytest.raises(RuntimeError, match=re.escape(words)):
+        op(*args)
+
+
+def _model_groups(dtype=torch.float32):
+    shapes = {"backbone": [(64, 3, 3, 3), (64,), (300, 200)], "classifier": [(21, 64), (21,)], "aux": [(5, 7)]}
+    params = {k: make_params(v, dtype=dtype)[0] for k, v in shapes.items()}
+    return params
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("norm_type", KERNEL_NORM_TYPES + OTHER_NORM_TYPES)
+def test_group_norms_against_float64(backend, norm_type):
+    params = _model_groups()
+    params["aux"][0].grad = None  # a group without gradients
+    norms = segclip.group_norms(params, norm_type, backend=backend)
+    assert norms.names == ("backbone", "classifier", "aux")
+    rtol = 1e-6 if norm_type not in (0.5, -1.0) else 1e-5
+    for name, ps in params.items():
+        grads = [p.grad for p in ps if p.grad is not None]
+        want = oracle_norm(grads, norm_type) if grads else 0.0
+        if not grads and norm_type < 0:
+            want = math.inf  # an empty group: min over nothing, or the -1-th root of a sum of nothing
+        assert_norm_close(norms[name], want, rtol)
+    every = [p.grad for ps in params.values() for p in ps if p.grad is not None]
+    assert_norm_close(norms.total, oracle_norm(every, norm_type), rtol)
+    assert norms.norms.dtype == torch.float32 and norms.total.dtype == torch.float32
+    # The same total as segclip.total_norm (bitwise with the kernel: the same pass, the same order).
+    if backend == "cpu" and norm_type in KERNEL_NORM_TYPES:
+        assert norms.total.item() == segclip.total_norm(every, norm_type, backend=backend).item()
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_clip_groups_matches_fused_clip(dtype):
+    params = _model_groups(dtype)
+    flat = [p for ps in params.values() for p in ps]
+    originals = [p.grad.clone() for p in flat]
+    norms = segclip.clip_groups_(params, 0.1)
+    clipped = [p.grad.clone() for p in flat]
+    for p, g in zip(flat, originals):
+        p.grad = g.clone()
+    total = segclip.fused_clip_(flat, 0.1)
+    assert norms.total.item() == total.item()
+    assert all(torch.equal(a, p.grad) for a, p in zip(clipped, flat))  # clipped by the same coefficient
+    assert not torch.equal(clipped[0], originals[0])
+    assert_norm_close(norms.total, oracle_norm(originals, 2.0), NORM_RTOL[dtype] if dtype != torch.float32 else 1e-6)
+    assert norms.norms.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def test_group_forms_and_result():
+    params = _model_groups()
+    as_list = segclip.group_norms([params["backbone"], iter(params["classifier"])])
+    assert as_list.names == ("0", "1")
+    opt = torch.optim.SGD([{"params": params["backbone"], "name": "body"}, {"params": params["classifier"]}], lr=0.1)
+    by_opt = segclip.group_norms(opt.param_groups)
+    assert by_opt.names == ("body", "1")
+    assert torch.equal(by_opt.norms, as_list.norms)
+    one = segclip.group_norms({"w": params["aux"][0]})  # a single tensor as a group
+    d = one.to_dict()
+    assert d == {"w": pytest.approx(oracle_norm([params["aux"][0].grad], 2.0), rel=1e-6), "total": d["w"]}
+    with pytest.raises(KeyError, match="no group named 'x'"):
+        one["x"]
+    empty = segclip.group_norms({"a": [], "b": [torch.nn.Parameter(torch.zeros(2))]})
+    assert empty.norms.tolist() == [0.0, 0.0] and empty.total.item() == 0.0
+
+
+def test_group_argument_errors():
+    with pytest.raises(TypeError, match="groups must be a mapping"):
+        segclip.group_norms(torch.zeros(3))
+    with pytest.raises(TypeError, match="without 'params'"):
+        segclip.group_norms([{"lr": 1}])
+    with pytest.raises(ValueError, match="unique"):
+        segclip.group_norms([{"params": [], "name": "a"}, {"params": [], "name": "a"}])
+    with pytest.raises(TypeError, match="group names must be strings"):
+        segclip.group_norms({1: []})
+    p = torch.zeros(2, dtype=torch.int64)
+    p.grad = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="group 'a': the gradient of parameters\\[0\\]"):
+        segclip.group_norms({"a": [p]})
+    with pytest.raises(ValueError, match="max_norm"):
+        segclip.clip_groups_({"a": []}, -1.0)
+    with pytest.raises(ValueError, match="backend"):
+        segclip.group_norms({"a": []}, backend="nope")
+
+
+def test_nonfinite():
+    params = _model_groups()
+    params["classifier"][1].grad[3] = math.nan
+    norms = segclip.group_norms(params)
+    assert math.isnan(norms["classifier"]) and math.isnan(norms.total) and math.isfinite(norms["backbone"])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        segclip.clip_groups_(params, 1.0, error_if_nonfinite=True)
