@@ -185,3 +185,21 @@ def test_nonfinite():
     assert math.isnan(norms["classifier"]) and math.isnan(norms.total) and math.isfinite(norms["backbone"])
     with pytest.raises(RuntimeError, match="non-finite"):
         segclip.clip_groups_(params, 1.0, error_if_nonfinite=True)
+
+
+def test_bench_groups_suite_plans_and_names_the_heads():
+    import subprocess
+    import sys
+
+    from segclip.bench.cases import make_case
+    from segclip.bench.suites.groups import case_groups
+
+    names, group_of = case_groups(make_case("deeplabv3_mobilenet_v3_large"))
+    assert names == ("backbone", "classifier") and len(group_of) == make_case("deeplabv3_mobilenet_v3_large").n_tensors
+    assert group_of[0] == 0 and group_of[-1] == 1
+    names, group_of = case_groups(make_case("synthetic_smoke"))
+    assert len(names) == 3 and sorted(set(group_of)) == [0, 1, 2]
+    r = subprocess.run([sys.executable, "-m", "segclip", "bench", "--suite", "groups", "--models", "synthetic_smoke",
+                        "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "segclip groups" in r.stdout and "global kernel" in r.stdout
