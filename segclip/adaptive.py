@@ -92,7 +92,7 @@ def adaptive_clip_(parameters: _TensorOrTensors, clip_factor: float = 0.01, eps:
     clip_factor = _real(clip_factor, "clip_factor")
     eps = _real(eps, "eps")
     norm_type = float(norm_type)
-    params = clip._as_list(parameters, "parameters")
+    params = clip._as_list(parameters)
     weights, grads = _pairs_of(params)
     if not grads:
         return
@@ -123,7 +123,7 @@ def adaptive_clip_(parameters: _TensorOrTensors, clip_factor: float = 0.01, eps:
 # ---------------------------------------------------------------------------------------------------
 
 def _grads(parameters: _TensorOrTensors) -> list[Tensor]:
-    return clip._grads_of(clip._as_list(parameters, "parameters"))
+    return clip._grads_of(clip._as_list(parameters))
 
 
 def _clip_to(grads: list[Tensor], norm: Tensor, coef: Tensor, backend: str) -> None:

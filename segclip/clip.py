@@ -54,12 +54,13 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def _parse_max_norm(max_norm) -> float:
-    """``max_norm`` as a float: whatever torch accepts (anything ``float()`` takes, "1.0" and True
-    too), but a negative or NaN value is refused (torch silently flips or NaNs the gradients)."""
+def _parse_max_norm(max_norm, name: str = "max_norm") -> float:
+    """``max_norm`` (or another bound, named ``name``) as a float: whatever torch accepts (anything
+    ``float()`` takes, "1.0" and True too), but a negative or NaN value is refused (torch silently
+    flips or NaNs the gradients)."""
     if isinstance(max_norm, Tensor):
         if max_norm.numel() != 1:
-            raise ValueError(f"max_norm must be a number or a one-element tensor, got shape {tuple(max_norm.shape)}")
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(max_norm.shape)}")
         value = float(max_norm)  # a CUDA tensor costs one synchronisation here; pass a float to avoid it
     elif isinstance(max_norm, numbers.Real):  # what torch.compile traces
         value = float(max_norm)
@@ -67,9 +68,9 @@ def _parse_max_norm(max_norm) -> float:
         try:
             value = float(max_norm)  # as torch does: "1.0", a 0-dim numpy array, ...
         except (TypeError, ValueError) as exc:  # the exception type torch raises, naming the argument
-            raise type(exc)(f"max_norm must be a real number, got {_a(max_norm)}: {max_norm!r}") from None
+            raise type(exc)(f"{name} must be a real number, got {_a(max_norm)}: {max_norm!r}") from None
     if not value >= 0:  # negative or NaN (written so that torch.compile can trace it)
-        raise ValueError(f"max_norm must be a non-negative number, got {max_norm!r}")
+        raise ValueError(f"{name} must be a non-negative number, got {max_norm!r}")
     return value
 
 

@@ -18,20 +18,8 @@ _OP = "multi_tensor_clip_value_"
 
 
 def _parse_clip_value(clip_value) -> float:
-    """A non-negative float; the types ``max_norm`` takes (a real number, a one-element tensor, a
-    0-dim numpy value). torch's ``float(clip_value)`` also takes strings and bools: refused here."""
-    if isinstance(clip_value, Tensor):
-        if clip_value.numel() != 1:
-            raise ValueError(f"clip_value must be a number or a one-element tensor, got shape "
-                             f"{tuple(clip_value.shape)}")
-        value = float(clip_value)  # a CUDA tensor costs one synchronisation here; pass a float
-    elif clip._is_one_real(clip_value) or (isinstance(clip_value, (int, float)) and not isinstance(clip_value, bool)):
-        value = float(clip_value)
-    else:
-        raise TypeError(f"clip_value must be a real number, got {type(clip_value).__name__}: {clip_value!r}")
-    if not value >= 0:  # negative or NaN
-        raise ValueError(f"clip_value must be a non-negative number, got {clip_value!r}")
-    return value + 0.0  # -0.0 -> 0.0
+    """A non-negative float from whatever torch's ``float(clip_value)`` takes ("1.0" and True too)."""
+    return clip._parse_max_norm(clip_value, "clip_value") + 0.0  # -0.0 -> 0.0
 
 
 def _kernel_for(op: str, device: torch.device, backend: str) -> bool:
@@ -78,12 +66,12 @@ def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float, foreach: b
     Raises:
         ValueError: ``clip_value`` negative or NaN (torch silently sets every gradient to
             ``clip_value`` or NaN), or an unknown ``backend``. No gradient is changed.
-        TypeError: ``clip_value`` not a real number (a string or a bool), a parameter without
+        TypeError: ``clip_value`` that ``float()`` refuses (as in torch), a parameter without
             ``.grad``, or a gradient that is not floating point.
     """
     clip._check_backend(backend)
     clip_value = _parse_clip_value(clip_value)
-    params = clip._as_list(parameters, "parameters")
+    params = clip._as_list(parameters)
     with torch.no_grad():
         if not torch.compiler.is_compiling() and _fast_clip_value(params, clip_value, backend):
             return

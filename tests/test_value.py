@@ -121,13 +121,23 @@ def test_bad_clip_value_raises_value_error_before_any_write(bad):
         assert_bitwise(p.grad, b)
 
 
-@pytest.mark.parametrize("bad", ["1.0", True, None, [1.0], torch.ones(2)])
+@pytest.mark.parametrize("bad", ["one", None, [1.0], torch.ones(2)])
 def test_clip_value_of_a_wrong_type_is_refused(bad):
     p = torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([3.0, -3.0])
     with pytest.raises((TypeError, ValueError), match="clip_value"):
         segclip.clip_grad_value_([p], bad)
     assert p.grad.tolist() == [3.0, -3.0]
+
+
+@pytest.mark.parametrize("value", ["1.0", True, np.float32(1.0)])
+def test_clip_value_takes_what_torch_takes(value):
+    """torch's clip_grad_value_ calls float(clip_value): "1.0" and True are 1.0 there, and here."""
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    p.grad, q.grad = torch.tensor([3.0, -0.5]), torch.tensor([3.0, -0.5])
+    segclip.clip_grad_value_([p], value)
+    torch.nn.utils.clip_grad_value_([q], value)
+    assert p.grad.tolist() == q.grad.tolist() == [1.0, -0.5]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -229,3 +239,17 @@ def test_op_refuses_before_writing_and_opcheck():
                [torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), torch.randn(9)[1:]]]
     for tensors, c in zip(samples, (0.5, 10.0, 0.1)):
         torch.library.opcheck(torch.ops.segclip.multi_tensor_clip_value_.default, (tensors, c))
+
+
+def test_empty_generator_is_silent_as_in_torch():
+    """No gradients: nothing to do, and no warning (the "empty generator" warning is
+    clip_grad_norm_'s; torch 2.14's clip_grad_value_ raises a RuntimeError from its foreach grouping
+    there instead, which a drop-in need not copy)."""
+    import warnings
+
+    with pytest.raises(RuntimeError):
+        torch.nn.utils.clip_grad_value_((p for p in []), 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        segclip.clip_grad_value_((p for p in []), 1.0)
+        segclip.adaptive_clip_((p for p in []))
