@@ -253,3 +253,23 @@ def test_empty_generator_is_silent_as_in_torch():
         warnings.simplefilter("error")
         segclip.clip_grad_value_((p for p in []), 1.0)
         segclip.adaptive_clip_((p for p in []))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clip_value", [0.7, 1e-3, 0.0])
+@pytest.mark.cuda
+def test_cuda_bitwise_torchs_result_without_a_sync(dtype, clip_value):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("segclip::multi_tensor_clip_value_", "CUDA")
+    grads = [g.cuda() for g in random_grads(dtype)]
+    ours = params_with([g.clone() for g in grads])
+    theirs = params_with([g.clone() for g in grads])
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        segclip.clip_grad_value_(ours, clip_value)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.nn.utils.clip_grad_value_(theirs, clip_value)
+    for p, q in zip(ours, theirs):
+        assert_bitwise(p.grad.cpu(), q.grad.cpu())
