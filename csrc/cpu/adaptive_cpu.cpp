@@ -15,6 +15,7 @@
 
 #include "../inplace_checks.h"
 #include "../shared_memory.h"
+#include "tensor_checks.h"
 
 namespace segclip {
 namespace {
@@ -171,20 +172,6 @@ void clip_pairs(const std::vector<Pair>& pairs, double clip_factor, double eps) 
   }
 }
 
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_tensor(const at::Tensor& t, const char* op, const char* name, size_t i) {
-  TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] has layout ", t.layout(),
-              "; only strided (dense) tensors are supported");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, "[", i, "] is on ", t.device(),
-              "; the CPU kernel takes CPU tensors only");
-  TORCH_CHECK(is_supported_dtype(t.scalar_type()), op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
-              "; supported: float32, float64, float16, bfloat16");
-}
-
 void multi_tensor_adaptive_clip_cpu(at::TensorList weights, at::TensorList grads, double clip_factor, double eps,
                                     double norm_type) {
   const char* op = "segclip::multi_tensor_adaptive_clip_";
@@ -198,8 +185,8 @@ void multi_tensor_adaptive_clip_cpu(at::TensorList weights, at::TensorList grads
   for (size_t i = 0; i < grads.size(); ++i) {  // every check before the first write
     const at::Tensor& w = weights[i];
     const at::Tensor& g = grads[i];
-    check_tensor(w, op, "weights", i);
-    check_tensor(g, op, "grads", i);
+    check_cpu_tensor(w, op, "weights", i);
+    check_cpu_tensor(g, op, "grads", i);
     TORCH_CHECK(w.sizes() == g.sizes(), op, ": weights[", i, "] has shape ", w.sizes(), " but grads[", i,
                 "] has shape ", g.sizes());
     TORCH_CHECK(w.scalar_type() == g.scalar_type(), op, ": weights[", i, "] has dtype ", w.scalar_type(),

@@ -15,6 +15,7 @@
 #include "../inplace_checks.h"
 #include "../scale_out_of_place.h"
 #include "../shared_memory.h"
+#include "tensor_checks.h"
 #include "norm_partials.h"
 
 namespace segclip {
@@ -49,10 +50,6 @@ NormKind norm_kind(double norm_type) {
   if (std::isinf(norm_type) && norm_type > 0) return NormKind::kLinf;
   TORCH_CHECK(false, "segclip kernels support norm_type 1, 2 and inf, got ", norm_type,
               " (segclip.total_norm and segclip.fused_clip_ handle other norm types through PyTorch)");
-}
-
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
 // Combines two partial results; max propagates NaN so a NaN anywhere gives a NaN inf-norm, as torch.
@@ -170,16 +167,7 @@ std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& tensors) {
 }
 
 void check_tensors(at::TensorList tensors, const char* op) {
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.defined(), op, ": tensors[", i, "] is undefined");
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] has layout ", t.layout(),
-                "; only strided (dense) tensors are supported");
-    TORCH_CHECK(t.device().is_cpu(), op, ": tensors[", i, "] is on ", t.device(),
-                "; the CPU kernel takes CPU tensors only");
-    TORCH_CHECK(is_supported_dtype(t.scalar_type()), op, ": tensors[", i, "] has dtype ", t.scalar_type(),
-                "; supported: float32, float64, float16, bfloat16");
-  }
+  for (size_t i = 0; i < tensors.size(); ++i) check_cpu_tensor(tensors[i], op, "tensors", i);
 }
 
 template <NormKind K>

@@ -12,6 +12,7 @@
 
 #include "../inplace_checks.h"
 #include "../shared_memory.h"
+#include "tensor_checks.h"
 
 namespace segclip {
 namespace {
@@ -91,10 +92,6 @@ struct Chunk {
   int64_t end;
 };
 
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 void clamp_all(const std::vector<at::Tensor>& ts, double c) {
   std::vector<Chunk> chunks;
   int64_t total = 0;
@@ -126,13 +123,7 @@ void multi_tensor_clip_value_cpu(at::TensorList tensors, double clip_value) {
   std::vector<at::Tensor> strided;
   for (size_t i = 0; i < tensors.size(); ++i) {  // every check before the first write
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.defined(), op, ": tensors[", i, "] is undefined");
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] has layout ", t.layout(),
-                "; only strided (dense) tensors are supported");
-    TORCH_CHECK(t.device().is_cpu(), op, ": tensors[", i, "] is on ", t.device(),
-                "; the CPU kernel takes CPU tensors only");
-    TORCH_CHECK(is_supported_dtype(t.scalar_type()), op, ": tensors[", i, "] has dtype ", t.scalar_type(),
-                "; supported: float32, float64, float16, bfloat16");
+    check_cpu_tensor(t, op, "tensors", i);
     check_scalable(t, i, op);
     if (t.numel() == 0) continue;
     if (is_flat(t)) {
