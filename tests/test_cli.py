@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,4 +71,19 @@ def test_segclip_commands_do_not_print_torchs_cuda_home_notice(tmp_path):
                     python_flags=("-X", "importtime"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "torch.utils.cpp_extension\n" in done.stderr
+    assert NOTICE not in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch logs the notice only without a GPU")
+@pytest.mark.parametrize("script", ["benchmarks/make_results.py", "benchmarks/bench_clip.py",
+                                    "benchmarks/bench_train.py"])
+def test_benchmark_scripts_do_not_print_torchs_cuda_home_notice(script, tmp_path):
+    """The scripts import segclip.bench directly (not through segclip.cli.main): the package itself
+    installs the filter before torch.utils.benchmark is imported."""
+    env = dict(os.environ, CUDA_HOME=str(tmp_path))
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-X", "importtime", str(root / script), "--help"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch.utils.cpp_extension\n" in done.stderr  # the module that logs it did load
     assert NOTICE not in done.stderr

@@ -14,6 +14,10 @@ the data flows:
 Each module imports only modules above it in this list (suites/ imports cases and schema).
 """
 
-from .cli import main, non_negative_float, non_negative_int, positive_int, prepare_out, register, usage_error
+from .._quiet import silence_cuda_home_notice
+
+silence_cuda_home_notice()  # before torch.utils.benchmark is imported (see note: [CUDA_HOME notice])
+
+from .cli import main, non_negative_float, non_negative_int, positive_int, prepare_out, register, usage_error  # noqa: E402
 
 __all__ = ["main", "register", "positive_int", "non_negative_int", "non_negative_float", "prepare_out", "usage_error"]

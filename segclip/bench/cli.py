@@ -235,9 +235,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None, prog: str = "python -m segclip.bench") -> int:
     """``python -m segclip.bench`` and the scripts in benchmarks/: the same as ``segclip bench``."""
-    from .._quiet import silence_cuda_home_notice
-
-    silence_cuda_home_notice()
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_arguments(p)
     argv = list(sys.argv[1:] if argv is None else argv)
