@@ -19,20 +19,31 @@ def _load():
 
 
 def test_bench_train_smoke(tmp_path, monkeypatch, capsys):
+    import segclip
+
     monkeypatch.setenv("SEGCLIP_CACHE", str(tmp_path / "cache"))
+    calls = {"clip_optimizer_": 0, "fused_clip_": 0}  # which path each mode takes: counted, not assumed
+    for fn in calls:
+        def counted(*a, _f=getattr(segclip, fn), _n=fn, **k):
+            calls[_n] += 1
+            return _f(*a, **k)
+        monkeypatch.setattr(segclip, fn, counted)
     assert _load().main(["--models", "lraspp_mobilenet_v3_large", "--size", "32", "--batch-size", "2",
                          "--steps", "2", "--warmup", "1", "--rounds", "2", "--device", "cpu", "--no-plot",
                          "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["schema"] == "segclip-bench/2" and report["suite"] == "train"
-    assert report["settings"]["batch_size"] == 2 and report["settings"]["clips"] == ["fused", "torch", "none"]
-    assert [r["impl"] for r in report["records"]] == ["fused", "torch", "none"]
+    assert report["settings"]["batch_size"] == 2 and report["settings"]["clips"] == ["fused", "fused_clip", "torch", "none"]
+    assert [r["impl"] for r in report["records"]] == ["fused", "fused_clip", "torch", "none"]
+    # 1 warm-up step + 2 timed steps (one per round), each path taken by exactly one mode
+    assert calls == {"clip_optimizer_": 3, "fused_clip_": 3}
     for r in report["records"]:
         assert r["n_samples"] == 2 and r["images_per_s"] == pytest.approx(2 / r["median_s"], rel=1e-3)
         assert 0 < r["clip_share"] < 1 and set(r["phase_ms"]) == {"forward", "backward", "clip", "step"}
     assert r["clipped_share"] == 0  # clip=none never clips
     out = capsys.readouterr().out
-    assert "images/s clip fused" in out and "clip share (fused)" in out
+    assert "images/s clip_optimizer_" in out and "images/s fused_clip_" in out
+    assert "clip share (clip_optimizer_)" in out and "fused_clip_ vs torch" in out
     assert "| lraspp_mobilenet_v3_large |" in (tmp_path / "summary.md").read_text()
 
 

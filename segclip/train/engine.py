@@ -65,6 +65,9 @@ class StepConfig:
     clip_value: float = 1.0
     clip_factor: float = 0.01
     clipper: object = None  # segclip.AutoClip / ZClip for clip_mode auto / zscore
+    # --clip fused steps through clip_optimizer_ (the clip folded into the optimizer step where it can
+    # be); False: fused_clip_, then the step (the train benchmark's fused_clip mode)
+    optimizer_clip: bool = True
 
     def norm_bounded(self) -> bool:
         """Whether a norm above max_norm means this step was clipped (for the log)."""
@@ -211,7 +214,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         sync()
         now = time.perf_counter(); times["backward"] = now - mark; mark = now
 
-        if cfg.clip == "fused" and cfg.clip_mode == "norm":  # unscale_ + clip folded into a fused step
+        if cfg.clip == "fused" and cfg.clip_mode == "norm" and cfg.optimizer_clip:  # unscale_ + clip folded into a fused step
             if summary.clip_path is None:
                 summary.clip_path = segclip.fold.fold_path(optimizer, scaler=scaler, norm_type=cfg.norm_type)
             norm = segclip.clip_optimizer_(optimizer, cfg.max_norm, scaler=scaler, norm_type=cfg.norm_type)

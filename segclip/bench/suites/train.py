@@ -1,4 +1,4 @@
-"""The ``train`` suite: training throughput with fused, torch and no clipping (images/s and the
+"""The ``train`` suite: training throughput with clip_optimizer_, fused_clip_, torch and no clipping (images/s and the
 clip's share of a step); ``benchmarks/bench_train.py`` runs it.
 
 For each model and each clip mode (``--clips``), trains ``--steps`` timed steps (after ``--warmup``
@@ -23,7 +23,9 @@ from ..schema import Record
 from . import Suite
 
 DEFAULT_MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
-CLIPS = {"fused": "clip fused", "torch": "clip torch", "none": "no clip"}
+# mode -> label. "fused" is the trainer's --clip fused: clip_optimizer_, folded into the fused SGD
+# step; "fused_clip" is fused_clip_ and then the step (what --clip fused was before 2026-12-01).
+CLIPS = {"fused": "clip_optimizer_", "fused_clip": "fused_clip_", "torch": "clip torch", "none": "no clip"}
 MIN_SIZE = 16  # the synthetic dataset's smallest image side
 PHASES = ("forward", "backward", "clip", "step")
 
@@ -111,7 +113,9 @@ class TrainSuite(Suite):
                     opt, impl = build_optimizer(model, "sgd", 0.01, 0.9, 1e-4, device, log=lambda *a: None)
                     run = dict(model=model, optimizer=opt, scheduler=build_scheduler(opt, 10 ** 6, 0),
                                scaler=torch.amp.GradScaler(device.type, enabled=s.amp and device.type == "cuda"),
-                               cfg=StepConfig(device=device, clip=clip, max_norm=s.max_norm, amp=s.amp, sync_timing=True),
+                               cfg=StepConfig(device=device, clip="fused" if clip == "fused_clip" else clip,
+                                              optimizer_clip=clip != "fused_clip", max_norm=s.max_norm,
+                                              amp=s.amp, sync_timing=True),
                                state=TrainState())
                     train_one_epoch(loader=[(x.to(device), y.to(device)) for x, y in batches[:s.warmup]], epoch=0, **run)
                     runs[clip] = (run, [], impl)
@@ -142,17 +146,23 @@ class TrainSuite(Suite):
         from ..report import NOT_MEASURED, markdown_table, text_table
 
         by = {(r.device, r.case, r.impl): r for r in result["records"]}
+        modes = [c for c in CLIPS if any(r.impl == c for r in result["records"])]
+        clipping = [c for c in modes if c in ("fused", "fused_clip")]
         out = []
         for device in dict.fromkeys(r.device for r in result["records"]):
             rows = []
             for model in dict.fromkeys(r.case for r in result["records"] if r.device == device):
-                f, t, n = (by.get((device, model, c)) for c in CLIPS)
-                ips = [f"{r.extra['images_per_s']:.3g}" if r else NOT_MEASURED for r in (f, t, n)]
-                ratio = f"{f.extra['images_per_s'] / t.extra['images_per_s']:.2f}x" if f and t else NOT_MEASURED
-                share = [f"{100 * r.extra['clip_share']:.1f}%" if r else NOT_MEASURED for r in (f, t)]
-                rows.append([model, *ips, ratio, *share])
-            header = ["model", "images/s clip fused", "images/s clip torch", "images/s no clip", "fused vs torch",
-                      "clip share (fused)", "clip share (torch)"]
+                rec = {c: by.get((device, model, c)) for c in modes}
+                torch_rec = rec.get("torch")
+                ips = [f"{r.extra['images_per_s']:.3g}" if r else NOT_MEASURED for r in rec.values()]
+                ratios = [f"{rec[c].extra['images_per_s'] / torch_rec.extra['images_per_s']:.2f}x"
+                          if rec[c] and torch_rec else NOT_MEASURED for c in clipping]
+                share = [f"{100 * rec[c].extra['clip_share']:.1f}%" if rec[c] else NOT_MEASURED
+                         for c in modes if c != "none"]
+                rows.append([model, *ips, *ratios, *share])
+            header = (["model"] + [f"images/s {CLIPS[c]}" for c in modes]
+                      + [f"{CLIPS[c]} vs torch" for c in clipping]
+                      + [f"clip share ({CLIPS[c]})" for c in modes if c != "none"])
             out.append(f"### {device}\n\n{markdown_table(header, rows)}\n" if markdown
                        else f"== train, {device} ==\n{text_table(header, rows)}\n")
         return "\n".join(out)
