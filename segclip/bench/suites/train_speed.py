@@ -31,6 +31,7 @@ from ..cases import Case
 from ..schema import Record
 from . import Suite, Target
 from .train import DEFAULT_MODELS, MIN_SIZE, make_batches
+from .train import SUITE as TRAIN
 
 IMPLS = {
     "plain": "plain loop",
@@ -72,16 +73,12 @@ class TrainSpeedSuite(Suite):
 
     @property
     def cases(self) -> tuple[str, ...]:
-        from segclip.train.models import MODELS
-
-        return tuple(MODELS)
+        return TRAIN.cases  # the same models and parameter shapes as the train suite
 
     def impls(self, device: str) -> dict[str, tuple[str, str | None]]:
         return {k: (label, None) for k, label in IMPLS.items()}
 
     def make_case(self, name: str, device: str) -> Case:
-        from .train import SUITE as TRAIN
-
         return TRAIN.make_case(name, device)
 
     def add_arguments(self, g) -> None:
