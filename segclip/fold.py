@@ -25,7 +25,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import clip, norm_math
+from . import clip, norm_math, partials
+from . import groups as _groups
 
 FOLD_CHOICES = ("auto", True, False)
 # NOTE: [fold contract]
@@ -266,6 +267,47 @@ def _finite_or_raise(total: Tensor, norm_type: float) -> None:
     clip._check_finite(total, norm_type)  # the one documented host synchronisation
 
 
+# NOTE: [groups under clip_optimizer_]
+# ``groups=`` asks for each group's norm beside the total, from the same read. The groups name a
+# subset of the optimizer's parameters, each in at most one group; the optimizer's other parameters
+# form one hidden group, so the kernel still reads every gradient once and the total is the norm of
+# all of them (what the call clips by). Folded and one-pass calls take the partials of that one pass
+# (segclip.partials); the plain path is segclip.clip_groups_ over the same groups.
+
+def _named_groups(groups, params: list) -> tuple[list[tuple[str, list]], list]:
+    """``groups`` as ``[(name, [parameters])]`` and, last, the optimizer's parameters in no group
+    (possibly none); raises for a parameter the optimizer does not step or one in two groups."""
+    named = _groups._named_groups(groups)
+    where: dict[int, str] = {}
+    known = {id(p) for p in params}
+    for name, ps in named:
+        for p in ps:
+            if id(p) not in known:
+                raise ValueError(f"groups[{name!r}] holds a parameter that is not in the optimizer's param_groups")
+            if id(p) in where and where[id(p)] != name:
+                raise ValueError(f"a parameter is in two groups, {where[id(p)]!r} and {name!r}: the total would "
+                                 "count it twice")
+            where[id(p)] = name
+    seen: set[int] = set()
+    named = [(n, [p for p in ps if not (id(p) in seen or seen.add(id(p)))]) for n, ps in named]
+    return named, [p for p in params if id(p) not in where]
+
+
+def _group_of(named: list[tuple[str, list]], params: list) -> list[int]:
+    """The group index of each of ``params``' gradients, in ``params`` order (len(named): no group)."""
+    index = {id(p): k for k, (_, ps) in enumerate(named) for p in ps}
+    return [index.get(id(p), len(named)) for p in params if p.grad is not None]
+
+
+def _group_norms(grads: list[Tensor], group_of: list[int], num_groups: int, norm_type: float) -> Tensor:
+    """The norms of ``num_groups`` groups and, last, of all gradients, from one read (see note:
+    [group partials in one pass] in segclip/partials.py)."""
+    vec = partials.local_partials(grads, group_of, num_groups + 1, norm_type, "auto")
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    norms = partials.finish(vec, norm_type, dtype)
+    return torch.cat([norms[:num_groups], norms[-1:]])  # the hidden group dropped
+
+
 FOLDED, ONE_PASS, PLAIN = "folded", "one-pass", "plain"
 
 
@@ -306,9 +348,10 @@ def fold_path(optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler 
 
 def clip_optimizer_(optimizer: torch.optim.Optimizer, max_norm: float, *, scaler: torch.amp.GradScaler | None = None,
                     norm_type: float = 2.0, error_if_nonfinite: bool = False, fold: bool | str = "auto",
-                    skip_nonfinite: bool = False) -> Tensor:
+                    skip_nonfinite: bool = False, groups=None) -> Tensor | _groups.GroupNorms:
     """Clips the gradients of every parameter of ``optimizer`` to a total norm of ``max_norm``, in as
-    few passes as the optimizer allows, and returns the total norm before clipping.
+    few passes as the optimizer allows, and returns the total norm before clipping (and, with
+    ``groups``, each group's norm from the same pass).
 
     The results are those of torch's recipe: ``scaler.unscale_(optimizer)`` (when a scaler is given),
     then ``torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)``, then the caller's usual
@@ -353,15 +396,25 @@ def clip_optimizer_(optimizer: torch.optim.Optimizer, max_norm: float, *, scaler
             saying why not, nothing changed); ``False`` never folds.
         skip_nonfinite: skip the folded step when the norm is not finite (see above). Needs the
             folded path when there is no scaler (``ValueError`` otherwise); implied by a scaler.
+        groups: None, or named groups of the optimizer's parameters whose norms to report, as
+            :func:`segclip.group_norms` takes them: ``{name: parameters}`` (e.g.
+            ``{"backbone": model.backbone.parameters(), ...}``), a list of parameter iterables, or
+            ``optimizer.param_groups`` itself. Each parameter in at most one group; parameters in no
+            group still count in the total and are clipped. The norms come from the same read as
+            the total: no extra pass (see note: [groups under clip_optimizer_]).
 
     Returns:
         The total norm of the (unscaled) gradients before clipping: a 0-dim float32 tensor (float64
         when any gradient is float64) on the gradients' device; ``tensor(0.)`` without gradients.
+        With ``groups``, a :class:`segclip.GroupNorms` instead: ``.total`` is that tensor (the same
+        value as without ``groups``; on CUDA, where the groups come from one norm launch sequence
+        per group, equal within rounding), ``.norms`` the groups' norms before clipping, unscaled.
 
     Raises:
         TypeError: ``optimizer`` is no Optimizer, ``scaler`` no GradScaler, a gradient not floating point.
         ValueError: a bad ``max_norm``/``fold``; ``fold=True`` that cannot fold; fp16 gradients with a
-            scaler (as ``unscale_`` raises).
+            scaler (as ``unscale_`` raises); ``groups`` naming a parameter the optimizer does not
+            step, or one parameter in two groups.
         RuntimeError: ``error_if_nonfinite`` and a non-finite norm; a second call before the step;
             ``unscale_`` already called in this iteration (as torch's second ``unscale_`` raises).
     """
@@ -374,6 +427,9 @@ def clip_optimizer_(optimizer: torch.optim.Optimizer, max_norm: float, *, scaler
     scaler = _active_scaler(scaler)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grads = clip._grads_of(params)
+    named = rest = None
+    if groups is not None:
+        named, rest = _named_groups(groups, params)
     if scaler is not None and any(g.dtype == torch.float16 for g in grads):
         raise ValueError("Attempting to unscale FP16 gradients.")  # torch's unscale_ refuses them too
 
@@ -388,14 +444,28 @@ def clip_optimizer_(optimizer: torch.optim.Optimizer, max_norm: float, *, scaler
                 with torch.no_grad():
                     _finite_or_raise(clip.total_norm(grads, norm_type), norm_type)
             scaler.unscale_(optimizer)
-        return clip.fused_clip_(params, max_norm, norm_type, error_if_nonfinite)
+        if named is None:
+            return clip.fused_clip_(params, max_norm, norm_type, error_if_nonfinite)
+        names = {n for n, _ in named}
+        hidden = next(f"_rest{i}" for i in range(len(names) + 1) if f"_rest{i}" not in names)
+        result = _groups.clip_groups_(dict([*named, (hidden, rest)]), max_norm,
+                                      norm_type, error_if_nonfinite)
+        return _groups.GroupNorms(tuple(n for n, _ in named), result.norms[:len(named)], result.total)
 
     with torch.no_grad():
         device = grads[0].device
-        total = _norm(grads, norm_type)
+        if named is None:
+            total = _norm(grads, norm_type)
+        else:
+            norms = _group_norms(grads, _group_of(named, params), len(named), norm_type)
         if scaler is not None:
             inv_scale = _inv_scale(scaler, device)
-            total = total * inv_scale.to(total.dtype)
+            if named is not None:
+                norms = norms * inv_scale.to(norms.dtype)
+            else:
+                total = total * inv_scale.to(total.dtype)
+        if named is not None:
+            total = norms[-1]
         if error_if_nonfinite:
             _finite_or_raise(total, norm_type)
         coef = norm_math.clip_coefficient(total, max_norm)
@@ -403,7 +473,7 @@ def clip_optimizer_(optimizer: torch.optim.Optimizer, max_norm: float, *, scaler
         if path == ONE_PASS:
             torch._foreach_mul_(grads, coef * inv_scale.to(coef.dtype))
             _mark_unscaled(scaler, optimizer, found_inf)
-            return total
+            return _result(total, named, norms if named is not None else None)
         grad_scale = (1.0 / coef).float() if scaler is None else scaler._scale.to(device) / coef.float()
     if _HOOKED not in optimizer.__dict__:
         optimizer.__dict__[_HOOKED] = (optimizer.register_step_pre_hook(_before_step),
@@ -411,7 +481,13 @@ def clip_optimizer_(optimizer: torch.optim.Optimizer, max_norm: float, *, scaler
     if scaler is not None:
         _mark_unscaled(scaler, optimizer, found_inf)
     optimizer.__dict__[_PENDING] = _Pending(grads, grad_scale, found_inf if scaler is None else None, scaler, optimizer)
-    return total
+    return _result(total, named, norms if named is not None else None)
+
+
+def _result(total: Tensor, named, norms: Tensor | None):
+    if named is None:
+        return total
+    return _groups.GroupNorms(tuple(n for n, _ in named), norms[:-1], total)
 
 
 __all__ = ["clip_optimizer_", "fold_path", "contract_problem", "TESTED_TORCH", "FOLDABLE"]

@@ -29,9 +29,17 @@ def test_clip_gradients_in_each_mode_is_the_library_call(mode, clip, expected):
     ours, theirs = _params(1), _params(1)
     norm_before = segclip.total_norm([p.grad for p in ours])
     cfg = StepConfig(device=torch.device("cpu"), clip=clip, clip_mode=mode, clip_value=0.5, clip_factor=0.02)
-    norm = clip_gradients(ours, cfg)
+    norm, group_norms = clip_gradients(ours, cfg)
+    assert group_norms is None  # no groups asked for
     expected(theirs)
     assert torch.equal(norm, norm_before)  # the norm before clipping, for the log
+    if mode in ("value", "agc"):  # with groups: each group's norm of the same, unclipped gradients
+        again = _params(1)
+        norm, group_norms = clip_gradients(again, cfg, {"a": again[:1], "b": again[1:]})
+        torch.testing.assert_close(norm, norm_before, rtol=1e-6, atol=0)
+        for k, ps in enumerate((_params(1)[:1], _params(1)[1:])):
+            want = torch.cat([p.grad.double().flatten() for p in ps]).norm()
+            torch.testing.assert_close(group_norms[k].double(), want, rtol=2e-6, atol=0)
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p.grad, q.grad, rtol=2e-6, atol=0)
     assert not all(torch.equal(p.grad, q.grad) for p, q in zip(ours, _params(1)))  # something was clipped

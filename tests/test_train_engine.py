@@ -39,10 +39,10 @@ def _batches(n=3, nan_from=None):
     return out
 
 
-def _train(clip, batches, max_norm=0.5, scaler=None, amp=False, max_nonfinite=20, model=None):
+def _train(clip, batches, max_norm=0.5, scaler=None, amp=False, max_nonfinite=20, model=None, fused=None):
     torch.manual_seed(0)
     model = model or TinySeg()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
     sched = build_scheduler(opt, total_iters=len(batches), warmup_iters=0)
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     cfg = StepConfig(device=torch.device("cpu"), clip=clip, max_norm=max_norm, amp=amp,
@@ -219,3 +219,23 @@ def test_compile_channels_last_and_amp_train_with_the_fused_clip(tmp_path, capsy
     ck = torch.load(out / "last.pt", weights_only=True)
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])  # loads into a plain model
     assert ck["args"]["compile"] and ck["args"]["channels_last"]
+
+
+def test_group_norms_are_logged_from_the_clip_pass():
+    batches = _batches(1)
+    torch.manual_seed(0)
+    model = TinySeg()
+    x, y = batches[0]
+    torch.nn.functional.cross_entropy(model(x)["out"], y, ignore_index=255).backward()
+    want = {name: torch.cat([p.grad.flatten() for p in getattr(model, name).parameters()]).double().norm().item()
+            for name in ("body", "head")}
+    assert want["body"] != pytest.approx(want["head"], rel=1e-3)  # a swapped pair would be caught
+    for clip, fused, path in (("fused", True, "folded"), ("fused", None, "plain"), ("none", None, "none")):
+        _, records, _, _ = _train(clip, batches, fused=fused)
+        assert records[0]["clip_path"] == path
+        assert list(records[0]["group_norms"]) == ["body", "head"]
+        for name, value in want.items():
+            assert records[0]["group_norms"][name] == pytest.approx(value, rel=1e-5), (clip, fused, name)
+        assert records[0]["grad_norm"] == pytest.approx(math.hypot(*want.values()), rel=1e-5)
+    _, records, _, _ = _train("torch", batches)
+    assert "group_norms" not in records[0]  # torch's path would need an extra pass for them

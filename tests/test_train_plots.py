@@ -137,3 +137,30 @@ def test_plot_out_that_is_a_file_is_a_one_line_error(run_dir, tmp_path, capsys):
     assert main(["plot", str(run_dir), "--out", str(afile / "sub")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"segclip plot: error: {afile / 'sub'}: Not a directory"
+
+
+def test_plot_draws_logged_group_norms(run_dir, monkeypatch):
+    import matplotlib.figure
+
+    drawn = {}
+    savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, fname, *a, **kw):  # what each chart draws: its lines' labels and data
+        drawn[Path(fname).name] = {line.get_label(): line.get_ydata() for ax in fig.axes for line in ax.get_lines()}
+        return savefig(fig, fname, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    assert main(["plot", str(run_dir)]) == 0
+    assert not any(k.endswith(" norm") for k in drawn["grad_norm.png"])  # nothing logged: no group line
+    lines = (run_dir / "steps.jsonl").read_text().splitlines()[:-1]
+    with open(run_dir / "steps.jsonl", "w") as f:
+        for line in lines:
+            r = json.loads(line)
+            r["group_norms"] = {"backbone": r["grad_norm"] * 0.8,
+                                "classifier": None if r["step"] == 5 else r["grad_norm"] * 0.3}
+            f.write(json.dumps(r) + "\n")
+    assert main(["plot", str(run_dir)]) == 0
+    got = drawn["grad_norm.png"]
+    assert list(got["backbone norm"]) == pytest.approx([0.8 * s for s in range(1, 101)])
+    assert list(got["classifier norm"]) == pytest.approx([0.3 * s for s in range(1, 101) if s != 5])  # null skipped
+    assert (run_dir / "plots" / "grad_norm.png").read_bytes()[:8] == PNG_MAGIC

@@ -11,7 +11,11 @@ Per step, in order:
    ``step`` (docs/fold.md; which path ran is ``clip_path`` in every step record and epoch summary).
    Otherwise ``scaler.unscale_(optimizer)`` first, so clipping always sees the true gradients, then
    ``torch.nn.utils.clip_grad_norm_`` (``torch``) or only the norm (``none``: ``segclip.total_norm``,
-   for the log and the non-finite check);
+   for the log and the non-finite check). Wherever segclip computes the norm (``fused`` and
+   ``none``, and the value/AGC modes' logged norm) the norm of each top-level module (``backbone``,
+   ``classifier``, ``aux_classifier``) comes from the same pass (``clip_optimizer_(groups=...)``,
+   ``segclip.group_norms``) and is logged as ``group_norms``; ``torch`` and the auto/zscore
+   clippers log none (they would need an extra pass);
 5. step: when the loss and the norm are finite, ``scaler.step(optimizer)``; otherwise the step is
    skipped and counted, and after ``max_nonfinite`` consecutive skips :class:`NonFiniteStop` is
    raised. Then ``scaler.update()`` and the LR schedule's per-iteration step.
@@ -138,24 +142,44 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def clip_gradients(params: list[torch.Tensor], cfg: StepConfig) -> torch.Tensor:
-    """The total gradient norm before clipping, clipping in place unless ``cfg.clip == 'none'``."""
+def module_groups(model: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
+    """The trainable parameters by top-level module (``backbone``, ``classifier``, ``aux_classifier``
+    for torchvision's segmentation models): the groups whose norms the step records log."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, p in dist_utils.unwrap(model).named_parameters():
+        if p.requires_grad:
+            groups.setdefault(name.split(".", 1)[0], []).append(p)
+    return groups
+
+
+def clip_gradients(params: list[torch.Tensor], cfg: StepConfig,
+                   groups: dict[str, list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The total gradient norm before clipping, clipping in place unless ``cfg.clip == 'none'``, and
+    (given ``groups``) each group's norm where segclip computes the norm, from the same pass (a 1-D
+    tensor in ``groups`` order), else None."""
     if cfg.clip != "none" and cfg.clip_mode != "norm":
-        return _clip_other(params, cfg)
+        return _clip_other(params, cfg, groups)
     if cfg.clip == "fused":
-        return segclip.fused_clip_(params, cfg.max_norm, cfg.norm_type)
+        return segclip.fused_clip_(params, cfg.max_norm, cfg.norm_type), None
     if cfg.clip == "torch":
-        return torch.nn.utils.clip_grad_norm_(params, cfg.max_norm, cfg.norm_type)
+        return torch.nn.utils.clip_grad_norm_(params, cfg.max_norm, cfg.norm_type), None
     if cfg.clip == "none":
-        return segclip.total_norm([p.grad for p in params if p.grad is not None], cfg.norm_type)
+        return _norms(params, cfg, groups)
     raise ValueError(f"unknown clip mode {cfg.clip!r}; choose one of {CLIP_MODES}")
 
 
-def _clip_other(params: list[torch.Tensor], cfg: StepConfig) -> torch.Tensor:
+def _norms(params: list[torch.Tensor], cfg: StepConfig, groups) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if groups is None:
+        return segclip.total_norm([p.grad for p in params if p.grad is not None], cfg.norm_type), None
+    norms = segclip.group_norms(groups, cfg.norm_type)
+    return norms.total, norms.norms
+
+
+def _clip_other(params: list[torch.Tensor], cfg: StepConfig, groups) -> tuple[torch.Tensor, torch.Tensor | None]:
     """--clip-mode value / agc / auto / zscore; the norm returned is the one before clipping."""
     if cfg.clip_mode in ("auto", "zscore"):
-        return cfg.clipper(params)
-    norm = segclip.total_norm([p.grad for p in params if p.grad is not None], cfg.norm_type)
+        return cfg.clipper(params), None
+    norm, group_norms = _norms(params, cfg, groups)
     if cfg.clip_mode == "value":
         clip_value = segclip.clip_grad_value_ if cfg.clip == "fused" else torch.nn.utils.clip_grad_value_
         clip_value(params, cfg.clip_value)
@@ -163,7 +187,7 @@ def _clip_other(params: list[torch.Tensor], cfg: StepConfig) -> torch.Tensor:
         segclip.adaptive_clip_(params, cfg.clip_factor, backend="auto" if cfg.clip == "fused" else "torch")
     else:
         raise ValueError(f"unknown clip mode {cfg.clip_mode!r}; choose one of {CLIP_KINDS}")
-    return norm
+    return norm, group_norms
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
@@ -186,6 +210,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     model.train()
     device = cfg.device
     params = [p for p in model.parameters() if p.requires_grad]
+    groups = module_groups(model)
     world = dist.get_world_size() if dist_utils.is_distributed() else 1
     sync = (lambda: torch.cuda.synchronize(device)) if (device.type == "cuda" and cfg.sync_timing) \
         else (lambda: None)
@@ -217,11 +242,13 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         if cfg.clip == "fused" and cfg.clip_mode == "norm" and cfg.optimizer_clip:  # unscale_ + clip folded into a fused step
             if summary.clip_path is None:
                 summary.clip_path = segclip.fold.fold_path(optimizer, scaler=scaler, norm_type=cfg.norm_type)
-            norm = segclip.clip_optimizer_(optimizer, cfg.max_norm, scaler=scaler, norm_type=cfg.norm_type)
+            result = segclip.clip_optimizer_(optimizer, cfg.max_norm, scaler=scaler, norm_type=cfg.norm_type,
+                                             groups=groups)
+            norm, group_norms = result.total, result.norms
         else:
             summary.clip_path = cfg.clip
             scaler.unscale_(optimizer)  # clipping sees unscaled gradients (no-op without fp16)
-            norm = clip_gradients(params, cfg)
+            norm, group_norms = clip_gradients(params, cfg, groups)
         sync()
         now = time.perf_counter(); times["clip"] = now - mark; mark = now
 
@@ -231,10 +258,13 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         foreground = ((masks > 0) & (masks != VOID)).sum().float().to(loss.device)
         stopping = torch.tensor(float(stop is not None and stop.requested), device=loss.device)
         pair = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device), foreground, stopping])
+        if group_norms is not None:  # the groups' norms ride along (like the norm, the same on every rank)
+            pair = torch.cat([pair, group_norms.detach().float().to(loss.device)])
         if world > 1:
             dist_utils.all_reduce_sum(pair)
             pair[:2] /= world
-        loss_value, norm_value, foreground_value, stop_votes = pair.tolist()
+            pair[4:] /= world
+        loss_value, norm_value, foreground_value, stop_votes, *group_values = pair.tolist()
         summary.foreground_pixels += int(foreground_value)
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         lr = optimizer.param_groups[0]["lr"]
@@ -265,6 +295,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             "loss": _finite_or_none(loss_value), "grad_norm": _finite_or_none(norm_value),
             "clipped": bool(clipped), "skipped": not finite, "batch": images.shape[0],
             "clip_path": summary.clip_path,
+            **({"group_norms": {k: _finite_or_none(v) for k, v in zip(groups, group_values)}}
+               if group_norms is not None else {}),
             **{f"t_{k}": v for k, v in times.items()},
         }
         if on_step is not None:

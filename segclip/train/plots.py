@@ -5,7 +5,8 @@ Charts (matplotlib, Agg backend, so no display is needed):
     loss.png            training loss per step (and its moving average), mean per epoch
     lr.png              learning rate per step (warmup, then poly decay)
     miou.png            validation mIoU and pixel accuracy per epoch
-    grad_norm.png       gradient norm before clipping per step, the max_norm line, clipped steps
+    grad_norm.png       gradient norm before clipping per step (and each logged group's: backbone,
+                        classifier, aux_classifier), the max_norm line, clipped steps
     grad_norm_hist.png  histogram of the observed norms with the suggested max_norm
     timing.png          median time per step in data / forward / backward / clip / step
 
@@ -206,15 +207,26 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     no_norm = len(steps) - finite_steps
     no_norm_text = f" ({no_norm} without a finite norm)" if no_norm else ""
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    shown_groups: list[float] = []
     if norms:
         nx, ny, nc = zip(*norms)
         ax.plot(nx, ny, color="tab:blue", lw=0.8, alpha=0.8, label="norm before clipping")
+        # Each group's norm (backbone, classifier, ...), where the run logged them (segclip's norms)
+        names = list(dict.fromkeys(k for r in steps for k in (r.get("group_norms") or {})))
+        colors = ("tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+        for k, name in enumerate(names):
+            pts = [(r["step"], _finite((r.get("group_norms") or {}).get(name))) for r in steps]
+            pts = [(x, y) for x, y in pts if y is not None and y > 0]  # a log axis: no zeros
+            if pts:
+                gx, gy = zip(*pts)
+                ax.plot(gx, gy, color=colors[k % len(colors)], lw=0.7, alpha=0.8, label=f"{name} norm")
+                shown_groups.extend(gy)
         cx = [s for s, _, c in norms if c]
         cy = [v for _, v, c in norms if c]
         if cx:
             ax.scatter(cx, cy, s=8, color="tab:red", zorder=3, label=f"clipped steps ({n_clipped})")
         ax.set_yscale("log")
-        shown = [v for v in ny] + ([max_norm] if max_norm and clip_mode != "none" else [])
+        shown = [v for v in ny] + shown_groups + ([max_norm] if max_norm and clip_mode != "none" else [])
         _plain_log_ticks(ax.yaxis, min(shown), max(shown))
     else:
         ax.text(0.5, 0.5, f"no finite gradient norm logged ({len(steps)} steps, all skipped or non-finite)",
@@ -222,7 +234,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, percentile: flo
     if max_norm is not None and clip_mode != "none":
         ax.axhline(max_norm, color="black", ls="--", lw=1.2, label=f"max_norm = {max_norm:g}")
     mode = "no clipping (norm only measured)" if clip_mode == "none" else f"clip={clip_mode}"
-    ax.set(xlabel="step", ylabel=f"total gradient norm (L{args.get('norm_type', 2.0):g})",
+    ax.set(xlabel="step", ylabel=f"{'' if shown_groups else 'total '}gradient norm (L{args.get('norm_type', 2.0):g})",
            title=f"gradient norm before clipping, {mode}: {100 * share:.1f}% of {finite_steps} steps "
                  f"clipped{no_norm_text}\n{title}")
     ax.grid(alpha=0.3, which="both")
