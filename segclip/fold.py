@@ -274,38 +274,75 @@ def _finite_or_raise(total: Tensor, norm_type: float) -> None:
 # all of them (what the call clips by). Folded and one-pass calls take the partials of that one pass
 # (segclip.partials); the plain path is segclip.clip_groups_ over the same groups.
 
-def _named_groups(groups, params: list) -> tuple[list[tuple[str, list]], list]:
-    """``groups`` as ``[(name, [parameters])]`` and, last, the optimizer's parameters in no group
-    (possibly none); raises for a parameter the optimizer does not step or one in two groups."""
+def _named_groups(groups, params: list) -> tuple[list[tuple[str, list]], list, dict[int, int]]:
+    """``groups`` as ``[(name, [parameters])]``, the optimizer's parameters in no group (possibly
+    none), and ``{id(parameter): group index}``; raises for a parameter the optimizer does not step
+    or one in two groups."""
     named = _groups._named_groups(groups)
-    where: dict[int, str] = {}
     known = {id(p) for p in params}
-    for name, ps in named:
+    index: dict[int, int] = {}
+    for k, (name, ps) in enumerate(named):
         for p in ps:
-            if id(p) not in known:
+            i = id(p)
+            if i not in known:
                 raise ValueError(f"groups[{name!r}] holds a parameter that is not in the optimizer's param_groups")
-            if id(p) in where and where[id(p)] != name:
-                raise ValueError(f"a parameter is in two groups, {where[id(p)]!r} and {name!r}: the total would "
+            if index.setdefault(i, k) != k:
+                raise ValueError(f"a parameter is in two groups, {named[index[i]][0]!r} and {name!r}: the total would "
                                  "count it twice")
-            where[id(p)] = name
-    seen: set[int] = set()
-    named = [(n, [p for p in ps if not (id(p) in seen or seen.add(id(p)))]) for n, ps in named]
-    return named, [p for p in params if id(p) not in where]
+    if len(index) < sum(len(ps) for _, ps in named):  # a parameter listed twice in its group: once
+        named = [(n, list({id(p): p for p in ps}.values())) for n, ps in named]
+    return named, [p for p in params if id(p) not in index], index
 
 
-def _group_of(named: list[tuple[str, list]], params: list) -> list[int]:
-    """The group index of each of ``params``' gradients, in ``params`` order (len(named): no group)."""
-    index = {id(p): k for k, (_, ps) in enumerate(named) for p in ps}
-    return [index.get(id(p), len(named)) for p in params if p.grad is not None]
+def _group_of(index: dict[int, int], num_groups: int, params: list) -> list[int]:
+    """The group index of each of ``params``' gradients, in ``params`` order (num_groups: no group)."""
+    return [index.get(id(p), num_groups) for p in params if p.grad is not None]
 
 
-def _group_norms(grads: list[Tensor], group_of: list[int], num_groups: int, norm_type: float) -> Tensor:
+def _group_norms(grads: list[Tensor], group_of: list[int], num_groups: int, norm_type: float,
+                 vec: Tensor | None = None) -> Tensor:
     """The norms of ``num_groups`` groups and, last, of all gradients, from one read (see note:
-    [group partials in one pass] in segclip/partials.py)."""
-    vec = partials.local_partials(grads, group_of, num_groups + 1, norm_type, "auto")
+    [group partials in one pass] in segclip/partials.py); ``vec``: the partials, when computed."""
+    if vec is None:
+        vec = partials.local_partials(grads, group_of, num_groups + 1, norm_type, "auto")
     dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     norms = partials.finish(vec, norm_type, dtype)
     return torch.cat([norms[:num_groups], norms[-1:]])  # the hidden group dropped
+
+
+def _fast_norm(optimizer, params: list, scaler, norm_type: float, fold, named, index) -> tuple[list[Tensor], Tensor] | None:
+    """The folded path's common case: the gradients and their norm (with ``named``: the groups'
+    norms, then the total) from one op call, or None when the general path must decide.
+
+    NOTE: [fold fast path]
+    As in clip.py's note: [fast path]: per-gradient checks in Python cost about as much as the norm
+    pass of a small model. When the optimizer folds and the kernel takes the whole list, the op's own
+    checks (one device, dense, a kernel dtype, in C++) are the general path's checks; the norm op
+    writes nothing, so when it refuses the list the general path decides (and names the problem).
+    """
+    if fold is False or norm_type not in clip.KERNEL_NORM_TYPES or torch.compiler.is_compiling():
+        return None
+    if (contract_problem() if scaler is None else _scaler_problem(scaler)) is not None or \
+            _unfused_reason(optimizer) is not None:
+        return None
+    try:
+        grads = [p.grad for p in params if p.grad is not None]
+    except AttributeError:
+        return None  # not a parameter: the general path names it
+    if not grads or type(grads[0]) is not Tensor or not clip._resolve("auto", grads[0].device):
+        return None
+    if scaler is not None and any(g.dtype == torch.float16 for g in grads):
+        return None  # the general path raises as unscale_ does
+    try:
+        if named is None:
+            return grads, torch.ops.segclip.multi_tensor_norm(grads, norm_type)
+        if not partials.has_group_kernel(grads[0].device):
+            return None
+        group_of = _group_of(index, len(named), params)
+        vec = torch.ops.segclip.multi_tensor_group_partials(grads, group_of, len(named) + 1, norm_type)
+    except (RuntimeError, TypeError):  # TypeError: a gradient that is no Tensor
+        return None
+    return grads, _group_norms(grads, group_of, len(named), norm_type, vec)
 
 
 FOLDED, ONE_PASS, PLAIN = "folded", "one-pass", "plain"
@@ -426,14 +463,18 @@ def clip_optimizer_(optimizer: torch.optim.Optimizer, max_norm: float, *, scaler
     norm_type = float(norm_type)
     scaler = _active_scaler(scaler)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grads = clip._grads_of(params)
-    named = rest = None
+    named = rest = index = None
     if groups is not None:
-        named, rest = _named_groups(groups, params)
-    if scaler is not None and any(g.dtype == torch.float16 for g in grads):
-        raise ValueError("Attempting to unscale FP16 gradients.")  # torch's unscale_ refuses them too
-
-    path = _choose(optimizer, grads, scaler, norm_type, fold, skip_nonfinite, warn=True)
+        named, rest, index = _named_groups(groups, params)
+    with torch.no_grad():
+        fast = _fast_norm(optimizer, params, scaler, norm_type, fold, named, index)
+    if fast is not None:
+        path, (grads, norms) = FOLDED, fast
+    else:
+        grads = clip._grads_of(params)
+        if scaler is not None and any(g.dtype == torch.float16 for g in grads):
+            raise ValueError("Attempting to unscale FP16 gradients.")  # torch's unscale_ refuses them too
+        path = _choose(optimizer, grads, scaler, norm_type, fold, skip_nonfinite, warn=True)
     if scaler is not None:
         _check_scaler_stage(scaler, optimizer)
     _drop_stale_pending(optimizer)
@@ -454,10 +495,12 @@ def clip_optimizer_(optimizer: torch.optim.Optimizer, max_norm: float, *, scaler
 
     with torch.no_grad():
         device = grads[0].device
-        if named is None:
+        if fast is not None:
+            total = norms  # (with groups: the groups' norms, then the total)
+        elif named is None:
             total = _norm(grads, norm_type)
         else:
-            norms = _group_norms(grads, _group_of(named, params), len(named), norm_type)
+            norms = _group_norms(grads, _group_of(index, len(named), params), len(named), norm_type)
         if scaler is not None:
             inv_scale = _inv_scale(scaler, device)
             if named is not None:
