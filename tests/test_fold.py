@@ -439,6 +439,12 @@ def test_missing_contract_falls_back_with_one_warning(monkeypatch):
     assert "is not a version where segclip tested it" in fold_mod.contract_problem()
     with pytest.warns(UserWarning, match="plain path"):
         check_pair(train_pair("AdamW-fused", True, "auto", steps=8), "untested torch with a scaler")
+    # the opt-in that lets this file test the contract on another torch (gpu_check.sh sets it)
+    for value, want in (("0", "plain"), ("1", "folded")):
+        monkeypatch.setattr(fold_mod, "_contract_reason", [])
+        monkeypatch.setenv(fold_mod.UNTESTED_TORCH_ENV, value)
+        net, opt = _one_backward()
+        assert fold_mod.fold_path(opt) == want, value
 
 
 def test_a_wrong_coefficient_is_caught(monkeypatch):
