@@ -160,6 +160,25 @@ def test_results_page_reads_gpu_and_train_json(tmp_path):
     assert page.results_main([*args[:2], "--train-json", str(tmp_path / "gpu.json")]) == 2
 
 
+
+def test_results_page_takes_other_suites_runs(tmp_path):
+    rec = {"device": "cpu", "case": "deeplabv3_mobilenet_v3_large", "dtype": "fp32", "mode": "fp32"}
+    step = _result([{**rec, "impl": impl, "median_s": t} for impl, t in
+                    (("torch", 2e-3), ("folded", 1e-3), ("step", 0.8e-3), ("bound", 0.9e-3))], suite="step")
+    args = ["--cpu-json", str(_write(tmp_path / "cpu.json", _result([]))), "--out", str(tmp_path / "R.md"),
+            "--root", str(tmp_path), "--suite-json", str(_write(tmp_path / "step.json", step))]
+    assert page.results_main(args) == 0
+    text = (tmp_path / "R.md").read_text()
+    section = text.split("## `segclip bench --suite step`", 1)[1]
+    assert "Source: `step.json`" in section
+    row = next(ln for ln in section.splitlines() if ln.startswith("| deeplabv3_mobilenet_v3_large"))
+    assert "(2.00x, 90% of bound)" in row  # folded: torch / folded, bound / folded
+    assert "--suite-json step.json" in text  # the command that wrote the page
+    # a clip or train run has its own flag
+    clip = _write(tmp_path / "clip.json", _result([]))
+    assert page.results_main([*args[:-1], str(clip)]) == 2
+
+
 def test_targets_are_evaluated_from_records():
     recs = [schema.Record("cpu", "lraspp_mobilenet_v3_large", impl, "fp32", "active", median_s=t)
             for impl, t in (("torch_foreach", 2.0), ("segclip_cpu", 1.0), ("bound", 0.95))]

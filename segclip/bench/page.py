@@ -47,8 +47,17 @@ def _clip_section(device: str, data: dict | None, path: str | None, flag: str) -
     return parts
 
 
+def _suite_section(data: dict, path: str) -> list[str]:
+    """One more suite's run (step, groups, adapt, train_speed): its tables and targets as the CLI prints them."""
+    suite = data.get("suite")
+    return [f"## `segclip bench --suite {suite}`\n", f"Source: `{path}`\n", *machine_lines(data), "",
+            suite_tables(data, markdown=True) if data["records"] else
+            "The file holds no records: every figure is not measured.\n"]
+
+
 def results_page(cpu: dict | None, cpu_path: str | None, gpu: dict | None = None, gpu_path: str | None = None,
-                 train: dict | None = None, train_path: str | None = None, command: str = "") -> str:
+                 train: dict | None = None, train_path: str | None = None, command: str = "",
+                 suites: list[tuple[dict, str]] = ()) -> str:
     if gpu is None and cpu is not None and any(r.device == "cuda" for r in cpu["records"]):
         gpu, gpu_path = cpu, cpu_path  # a run on a GPU machine holds both
     parts = [
@@ -80,6 +89,8 @@ def results_page(cpu: dict | None, cpu_path: str | None, gpu: dict | None = None
                   f"max_norm {s.get('max_norm')}, AMP {'on' if s.get('amp') else 'off'}", "",
                   suite_tables(train, markdown=True) if train["records"] else
                   "The file holds no records: every figure is not measured.\n"]
+    for data, path in suites:
+        parts += _suite_section(data, path)
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -92,6 +103,8 @@ def results_main(argv: list[str] | None = None, repo_root: str | Path | None = N
     p.add_argument("--cpu-json", help="a `segclip bench` JSON [default: the newest ROOT/benchmarks/results/cpu-*.json]")
     p.add_argument("--gpu-json", help="a `segclip bench --device cuda` JSON")
     p.add_argument("--train-json", help="a `benchmarks/bench_train.py` (--suite train) JSON")
+    p.add_argument("--suite-json", nargs="+", default=[], metavar="JSON",
+                   help="runs of the other suites (step, groups, adapt, train_speed): a section each, in this order")
     p.add_argument("--out", type=Path, default=repo / "benchmarks" / "RESULTS.md", help="the page to write")
     p.add_argument("--root", type=Path, default=repo,
                    help="paths in the page are shown relative to this folder; the newest CPU JSON is looked for under it")
@@ -122,10 +135,21 @@ def results_main(argv: list[str] | None = None, repo_root: str | Path | None = N
     for flag, suite in (("--cpu-json", "clip"), ("--gpu-json", "clip"), ("--train-json", "train")):
         if loaded[flag] is not None and loaded[flag].get("suite") != suite:
             return fail(f"{given[flag]}: a --suite {loaded[flag].get('suite')} run, not --suite {suite} ({flag})")
-    command = " ".join(["python benchmarks/make_results.py"] + [f"{f} {shown(v)}" for f, v in given.items() if v])
+    suites = []
+    for path in args.suite_json:
+        try:
+            data = schema.load(path)
+        except schema.BadJSON as exc:
+            return fail(str(exc))
+        if data.get("suite") in ("clip", "train"):
+            flag = "--cpu-json or --gpu-json" if data.get("suite") == "clip" else "--train-json"
+            return fail(f"{path}: a --suite {data.get('suite')} run has its own section: pass it as {flag}")
+        suites.append((data, shown(path)))
+    command = " ".join(["python benchmarks/make_results.py"] + [f"{f} {shown(v)}" for f, v in given.items() if v]
+                       + (["--suite-json", *map(shown, args.suite_json)] if args.suite_json else []))
     page = results_page(loaded["--cpu-json"], shown(args.cpu_json), loaded["--gpu-json"],
                         args.gpu_json and shown(args.gpu_json), loaded["--train-json"],
-                        args.train_json and shown(args.train_json), command=command)
+                        args.train_json and shown(args.train_json), command=command, suites=suites)
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(page)
