@@ -1,7 +1,7 @@
 // The device-independent kernels of the value and adaptive clip ops (schemas: segclip.cpp): Autograd
 // and ADInplaceOrView, as for the scale op (see note: [version counter] in segclip.cpp), and the
 // refusal of sparse inputs. Compiled into segclip._C. The CPU kernels: cpu/value_cpu.cpp and
-// cpu/adaptive_cpu.cpp; the CUDA kernels: cuda/value_cuda.cpp.
+// cpu/adaptive_cpu.cpp; the CUDA kernels: cuda/value_cuda.cpp, cuda/adaptive_cuda.cpp.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>

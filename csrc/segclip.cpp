@@ -36,6 +36,7 @@
 //      unless ||g|| < m (then nothing is written). NaN in a unit's weight or gradient makes that
 //      unit's gradient NaN, as in timm. Units are computed as rows of a contiguous layout: tensors
 //      that are not contiguous go through a packed copy (and are written back when a unit clips).
+//      Kernels: cpu/adaptive_cpu.cpp, cuda/adaptive_cuda.cpp; shared checks: adaptive_checks.h.
 //  * multi_tensor_clip_(tensors, norm_type, max_norm) -> (Tensor norm, Tensor coef)
 //      multi_tensor_norm_coef followed by multi_tensor_scale_ with its coefficient, in one call: the
 //      list is converted and checked once, and every refusal of either op is made before anything
@@ -48,8 +49,9 @@
 //      float64 tensor of shape (num_groups + 1,) on the tensors' device: per group, then over all
 //      tensors, the sum of |x|^p for norm_type p = 1 or 2, or max |x| for inf (0 for an empty group;
 //      NaN propagates). No root is taken, so partials from several processes add up (segclip/
-//      distributed.py); the last entry is what multi_tensor_norm reduces before its root (CPU: bitwise).
-//      Kernels: cpu/group_norms_cpu.cpp (a device without one goes through segclip/partials.py).
+//      distributed.py); the last entry is what multi_tensor_norm reduces before its root, bitwise.
+//      Kernels: cpu/group_norms_cpu.cpp, cuda/group_cuda.cpp (a device without one goes through
+//      segclip/partials.py); the argument checks both share: group_checks.h.
 #include <Python.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -62,8 +64,8 @@ TORCH_LIBRARY(segclip, m) {
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");
   m.def("multi_tensor_norm_coef(Tensor[] tensors, float norm_type, float max_norm) -> (Tensor, Tensor)");
   m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()");
-  // Value and adaptive clipping (kernels: cpu/value_cpu.cpp, cpu/adaptive_cpu.cpp, cuda/value_*; the
-  // Autograd and ADInplaceOrView kernels: adapt_ops.cpp).
+  // Value and adaptive clipping (kernels: cpu/value_cpu.cpp, cpu/adaptive_cpu.cpp, cuda/value_*,
+  // cuda/adaptive_*; the Autograd and ADInplaceOrView kernels: adapt_ops.cpp).
   m.def("multi_tensor_clip_value_(Tensor(a!)[] tensors, float clip_value) -> ()");
   m.def("multi_tensor_adaptive_clip_(Tensor[] weights, Tensor(a!)[] grads, float clip_factor, float eps, "
         "float norm_type) -> ()");

@@ -66,8 +66,8 @@ def adaptive_clip_(parameters: _TensorOrTensors, clip_factor: float = 0.01, eps:
     A unit is a slice along dim 0 of a parameter (an output channel or row), or the whole parameter
     when it has at most one dimension. Per unit, with ``W`` its weights and ``G`` its gradient, the
     gradient is scaled by ``m / max(||G||, 1e-6)`` where ``m = clip_factor * max(||W||, eps)``, unless
-    ``||G|| < m``. One fused pass over all weights and gradients (CPU kernel), instead of about eight
-    PyTorch ops per parameter; CUDA gradients take that per-parameter loop (no CUDA kernel yet).
+    ``||G|| < m``. One fused pass over all weights and gradients (CPU and CUDA kernels), instead of
+    about eight PyTorch ops per parameter.
 
     Args:
         parameters: a Tensor or an iterable of Tensors (a generator is consumed once); parameters

@@ -7,12 +7,13 @@ a norm per tensor, then the norm of those), the max |x| for inf, the min for -in
 returns one per group plus one over all tensors, as a float64 vector; ``finish`` takes the roots.
 
 NOTE: [group partials in one pass]
-Where a compiled ``multi_tensor_group_partials`` kernel exists for the device (CPU), every group's
-partial and the total come from one pass of the norm kernel: the chunks' results are summed into
-their group's slot as well as into the total, so the per-group norms cost no extra read of the
+Where a compiled ``multi_tensor_group_partials`` kernel exists for the device (CPU and CUDA), every
+group's partial and the total come from one pass of the norm kernel: the chunks' results are summed
+into their group's slot as well as into the total, so the per-group norms cost no extra read of the
 gradients. The total is then bitwise the value ``multi_tensor_norm`` takes the root of. A device with
-the norm kernel but no group kernel (CUDA, for now) runs ``multi_tensor_norm`` once per group: still
-one read of each gradient, one launch sequence per group. Everything else (other norm types, sparse
+the norm kernel but no group kernel (a CUDA library built before the group kernel existed) runs
+``multi_tensor_norm`` once per group: still one read of each gradient, one launch sequence per group.
+Everything else (other norm types, sparse
 or complex tensors, the torch backend) takes per-tensor norms with ``segclip.reference``.
 """
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -367,7 +368,9 @@ def _compile_and_run(cmd, exe, tmp_path):
 def test_apply_chunking_on_host(tmp_path, param_bytes, tensors, blocks):
     """multi_tensor_apply's launch tables and block_chunk (the code the kernels run), on the host, for
     both table layouts (see note: [kernel argument space]): every chunk launched once, in order,
-    within the table sizes; empties anywhere; > 2^31 elements; the reversed launches of the scale."""
+    within the table sizes; empties anywhere; > 2^31 elements; the reversed launches of the scale;
+    the group runs (each block's group, launches split early, the norm's slots); the adaptive clip's
+    work split (every unit and segment once, the split units' slots)."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no C++ compiler")
@@ -1017,3 +1020,389 @@ def test_gpu_sanitize_script_dry_run():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.rstrip().endswith("all checks passed"), out.stdout + out.stderr
     assert out.stdout.count("\nok ") + out.stdout.startswith("ok ") >= 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-group partials (multi_tensor_group_partials) and the adaptive clip (multi_tensor_adaptive_clip_)
+# on CUDA: see note: [group partials on CUDA] (multi_tensor_kernels.cu) and note: [adaptive clip on
+# CUDA] (adaptive_apply.cuh).
+
+MAX_GROUP_RUNS = C_cuda.MAX_GROUP_RUNS_PER_LAUNCH if C_cuda else 10
+MAX_PAIRS = C_cuda.MAX_PAIRS_PER_LAUNCH if C_cuda else 40
+MAX_PAIR_BLOCKS = C_cuda.MAX_PAIR_BLOCKS_PER_LAUNCH if C_cuda else 2048
+WARP_ROW_MAX = C_cuda.ADAPTIVE_WARP_ROW_MAX if C_cuda else 1024
+
+
+def ref_group_partials(tensors, groups, num_groups, norm_type):
+    """Per group, then over all: the sum of |x|^p (max |x| for inf), in float64 (on the tensors' device,
+    one tensor at a time: the several-launch lists hold 400M elements), combined here in Python."""
+    def partial(t):
+        x = t.detach().to(torch.float64).reshape(-1)
+        if x.numel() == 0:
+            return 0.0
+        return float(x.abs().max()) if norm_type == INF else float(x.abs().pow(norm_type).sum())
+
+    def combine(values):
+        if norm_type != INF:
+            return sum(values)
+        return math.nan if any(math.isnan(v) for v in values) else max(values, default=0.0)
+    per_tensor = [partial(t) for t in tensors]
+    per = [combine([v for v, g in zip(per_tensor, groups) if g == k]) for k in range(num_groups)]
+    return per + [combine(per_tensor)]
+
+
+def assert_partials_close(got, want, rtol, what):
+    assert got.dtype == torch.float64 and got.shape == (len(want),), (got.dtype, got.shape)
+    for k, (a, e) in enumerate(zip(got.cpu().tolist(), want)):
+        if e == 0.0:
+            assert a == 0.0, f"{what}[{k}]: got {a!r}, expected 0"
+        else:
+            assert_rel_close(a, e, rtol, f"{what}[{k}]")
+
+
+def assert_total_is_the_norms(out, tensors, norm_type):
+    """The last entry is bitwise what multi_tensor_norm takes the root of (see note: [op contract])."""
+    norm = ops.multi_tensor_norm(tensors, norm_type)
+    total = float(out[-1])
+    root = math.sqrt(total) if norm_type == 2.0 else total
+    assert torch.equal(bits(torch.tensor(root, dtype=torch.float64).to(norm.dtype)), bits(norm.cpu())), \
+        (root, float(norm))
+
+
+@needs_lib
+def test_group_and_adaptive_checks_without_gpu():
+    """The new CUDA kernels refuse what the CPU kernels refuse, with the same words (shared headers:
+    csrc/group_checks.h, csrc/adaptive_checks.h), before anything is queued."""
+    ks = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    group = ops.multi_tensor_group_partials.default
+    for args, words in [(([torch.ones(2)], [0, 0], 1, 2.0), "one group index per tensor"),
+                        (([torch.ones(2)], [1], 1, 2.0), "groups[0] is 1"),
+                        (([torch.ones(2)], [-1], 1, 2.0), "groups[0] is -1"),
+                        (([torch.ones(2)], [0], -1, 2.0), "num_groups must be >= 0"),
+                        (([torch.ones(2)], [0], 2**31, 2.0), "num_groups must be < 2^31 - 1"),
+                        (([], [], 1, 2.0), "non-empty list"),
+                        (([torch.ones(2)], [0], 1, 2.0), "the CUDA kernel got no CUDA tensor")]:
+        with pytest.raises(RuntimeError, match=re.escape(words)):
+            group.redispatch(ks, *args)
+        if "CUDA" not in words:  # the CPU kernel: the same message
+            with pytest.raises(RuntimeError, match=re.escape(words)):
+                ops.multi_tensor_group_partials(*args)
+    agc = ops.multi_tensor_adaptive_clip_.default
+    w, g = torch.ones(4, 3), torch.full((4, 3), 5.0)
+    for args, words in [(([w, w], [g], 0.01, 1e-3, 2.0), "one weight per grad"),
+                        (([w], [g], -0.1, 1e-3, 2.0), "clip_factor must be a non-negative number"),
+                        (([w], [g], 0.01, -1.0, 2.0), "eps must be a non-negative number"),
+                        (([w], [g], 0.01, 1e-3, 3.0), "supports norm_type 1, 2 and inf, got 3"),
+                        (([w], [g], 0.01, 1e-3, 2.0), "the CUDA kernel got no CUDA tensor (grads[0] is on cpu)")]:
+        with pytest.raises(RuntimeError, match=re.escape(words)):
+            agc.redispatch(ks, *args)
+    assert torch.equal(g, torch.full((4, 3), 5.0))
+
+
+@needs_lib
+@pytest.mark.parametrize("op", ["multi_tensor_group_partials", "multi_tensor_adaptive_clip_"])
+def test_new_kernels_selected_on_cuda(op):
+    """Registered for the CUDA key, so segclip's selection (partials.has_group_kernel, adaptive.py's
+    _kernel_for) sends CUDA gradients to them instead of the per-group / per-parameter fallbacks."""
+    from segclip import partials, value
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segclip::{op}", "CUDA")
+    if op == "multi_tensor_group_partials":
+        partials._has_group_kernel.cache_clear()
+        assert partials.has_group_kernel(torch.device("cuda"))
+    else:
+        import segclip._ext as ext
+        if ext.CUDA_LOADED:
+            assert value._kernel_for(op, torch.device("cuda"), "auto")
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_group_partials_layouts(norm_type, dtype):
+    ts = structural_tensors(dtype)
+    groups = [(i * 5) % 3 for i in range(len(ts))]  # interleaved; group 3 has no tensor
+    out = ops.multi_tensor_group_partials(ts, groups, 4, norm_type)
+    assert out.device == ts[1].device
+    want = ref_group_partials(ts, groups, 4, norm_type)
+    assert_partials_close(out, want, 2 * RTOL[dtype], f"{dtype} p={norm_type}")
+    assert_total_is_the_norms(out, ts, norm_type)
+    cpu = ops.multi_tensor_group_partials([t.cpu() for t in ts], groups, 4, norm_type)
+    assert_partials_close(out, cpu.tolist(), 2 * RTOL[dtype], "CPU kernel vs CUDA kernel")
+    wrong = ops.multi_tensor_group_partials(ts, [(g + 1) % 3 for g in groups], 4, norm_type)
+    with pytest.raises(AssertionError):  # a tensor in another group is caught
+        assert_partials_close(wrong, want, 2 * RTOL[dtype], "planted")
+
+
+@gpu_test
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_group_partials_several_launches(norm_type):
+    """More tensors and chunks than one launch holds, and more group runs than one launch carries
+    (one group per tensor): launches split early, the slots and the total stay the norm's."""
+    ts = many_tensors(torch.float32)
+    assert len(ts) > MAX_TENSORS and chunks_of(ts) > MAX_BLOCKS and len(ts) > MAX_GROUP_RUNS
+    for groups, n in [([0 if i < len(ts) // 2 else (1 if i < 3 * len(ts) // 4 else 2) for i in range(len(ts))], 3),
+                      (list(range(len(ts))), len(ts)),
+                      ([i % 7 for i in range(len(ts))], 9)]:
+        out = ops.multi_tensor_group_partials(ts, groups, n, norm_type)
+        assert_partials_close(out, ref_group_partials(ts, groups, n, norm_type), 2 * RTOL[torch.float32],
+                              f"{n} groups")
+        assert_total_is_the_norms(out, ts, norm_type)
+        for _ in range(2):  # bitwise identical, call after call
+            assert torch.equal(bits(ops.multi_tensor_group_partials(ts, groups, n, norm_type)), bits(out))
+
+
+@gpu_test
+def test_group_partials_edge_cases():
+    empty = [torch.empty(0, device="cuda"), torch.empty(3, 0, device="cuda")]
+    for p in NORM_TYPES:
+        assert ops.multi_tensor_group_partials(empty, [0, 1], 3, p).tolist() == [0.0] * 4
+    t = [torch.tensor([1.0, math.nan], device="cuda"), torch.tensor([math.inf, 2.0], device="cuda"),
+         torch.tensor([3.0], device="cuda")]
+    for p in NORM_TYPES:
+        out = ops.multi_tensor_group_partials(t, [0, 1, 2], 3, p)
+        assert math.isnan(out[0]) and math.isinf(out[1]) and math.isnan(out[-1])
+        assert out[2].item() == (9.0 if p == 2 else 3.0)
+    mixed = [structural_tensors(d)[2] for d in DTYPES]
+    out = ops.multi_tensor_group_partials(mixed, [1, 0, 1, 0], 2, 2.0)
+    assert_partials_close(out, ref_group_partials(mixed, [1, 0, 1, 0], 2, 2.0), 2e-3, "mixed dtypes")
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is on cpu"):
+        ops.multi_tensor_group_partials([t[0], torch.ones(2)], [0, 0], 1, 2.0)
+
+
+@gpu_test
+def test_group_partials_no_sync_and_cuda_graph():
+    ts = structural_tensors(torch.float32) + [torch.randn(5, dtype=torch.float64, device="cuda")]
+    groups = [i % 2 for i in range(len(ts))]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for p in NORM_TYPES:
+            ops.multi_tensor_group_partials(ts, groups, 2, p)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static = [t.clone() for t in ts if is_dense(t)]
+    sg = [i % 3 for i in range(len(static))]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.multi_tensor_group_partials(static, sg, 3, 2.0)  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.multi_tensor_group_partials(static, sg, 3, 2.0)
+    for s in static:
+        s.copy_(torch.randn_like(s))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(bits(captured), bits(ops.multi_tensor_group_partials(static, sg, 3, 2.0)))
+
+
+@gpu_test
+def test_group_norms_api_on_cuda():
+    """segclip.group_norms / clip_groups_ now take the one-pass kernel on CUDA: the same norms as
+    on the CPU, the total the one fused_clip_ returns."""
+    import segclip
+    shapes = {"backbone": [(64, 3, 3, 3), (64,), (300, 200)], "classifier": [(21, 64), (21,)], "aux": [(5, 7)]}
+    params = {k: [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in v] for k, v in shapes.items()}
+    for ps in params.values():
+        for p in ps:
+            p.grad = torch.randn_like(p)
+    got = segclip.group_norms(params)
+    cpu = {k: [torch.nn.Parameter(p.detach().cpu()) for p in ps] for k, ps in params.items()}
+    for k, ps in params.items():
+        for p, q in zip(ps, cpu[k]):
+            q.grad = p.grad.cpu()
+    want = segclip.group_norms(cpu)
+    torch.testing.assert_close(got.norms.cpu(), want.norms, rtol=1e-6, atol=0)
+    total = segclip.total_norm([p.grad for ps in params.values() for p in ps])
+    assert torch.equal(bits(got.total), bits(total))
+
+
+def agc_ref(weights, grads, clip_factor, eps, norm_type):
+    """Unit-wise AGC in float64 (a dim-0 slice, the whole tensor for 0-d/1-d), with torch's ops on the
+    tensors' device."""
+    out = []
+    for w, g in zip(weights, grads):
+        w64, g64 = w.detach().to(torch.float64), g.detach().to(torch.float64).clone()
+        if g64.numel() == 0:
+            out.append(g64)
+            continue
+        rows = 1 if g64.ndim <= 1 else g64.shape[0]
+        wn = torch.linalg.vector_norm(w64.reshape(rows, -1), norm_type, dim=1)
+        gn = torch.linalg.vector_norm(g64.reshape(rows, -1), norm_type, dim=1)
+        bound = torch.where(torch.isnan(wn), wn, wn.clamp(min=eps)) * clip_factor
+        ratio = bound / torch.where(torch.isnan(gn), gn, gn.clamp(min=1e-6))
+        scale = torch.where(gn < bound, torch.ones_like(ratio), ratio)
+        out.append((g64.reshape(rows, -1) * scale[:, None]).reshape(g64.shape))
+    return out
+
+
+def agc_rtol(dtype):
+    return {torch.float32: 2e-6, torch.float64: 1e-12}.get(dtype, 2 * torch.finfo(dtype).eps)
+
+
+def assert_agc_close(got, want, dtype, what=""):
+    got = got.detach().to(want.device, torch.float64)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN pattern differs"
+    fin = ~torch.isnan(want)
+    fi = torch.finfo(dtype)
+    err = (got[fin] - want[fin]).abs() - agc_rtol(dtype) * want[fin].abs() - fi.tiny * fi.eps
+    assert err.numel() == 0 or err.max().item() <= 0, \
+        f"{what}: off by {(got[fin] - want[fin]).abs().max().item():.3g} (relative {agc_rtol(dtype):g} allowed)"
+
+
+def agc_pairs(shapes, dtype, device="cuda"):
+    """Weights and gradients whose unit norms range over 1e-4..10x the bound: some units clip."""
+    ws, gs = [], []
+    for s in shapes:
+        w = torch.randn(s, dtype=torch.float64)
+        rows = s[0] if len(s) > 1 else 1
+        scale = 10 ** (torch.rand(rows, dtype=torch.float64) * 5 - 4) * 5  # per unit
+        g = torch.randn(s, dtype=torch.float64) * (scale.reshape((rows,) + (1,) * (len(s) - 1)) if len(s) > 1
+                                                   else scale.reshape(()))
+        ws.append(w.to(device, dtype))
+        gs.append(g.to(device, dtype))
+    if ws and ws[0].ndim > 1 and ws[0].shape[0] > 2:
+        ws[0][1].zero_()  # a unit with zero weights: bound eps * clip_factor
+    return ws, gs
+
+
+AGC_SHAPES = [
+    (2048, 64, 1, 1),                 # a 1x1 convolution: thousands of tiny units (warp rows)
+    (960, 1, 3, 3),                   # depthwise: 9-element units
+    (64,), (), (5, 0), (0,), (1,),    # a bias, 0-d, empties
+    (7, WARP_ROW_MAX), (7, WARP_ROW_MAX + 1),  # warp / block row boundary
+    (3, CHUNK), (3, CHUNK + 1),       # block / split row boundary
+    (3 * CHUNK + 7,),                 # one huge unit over 4 chunks
+    (2, 2 * CHUNK + 3),               # two split units
+    (300, 517),                       # rows not 16-byte aligned
+    (33, 3, 7, 7),
+]
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_adaptive_clip_against_float64(norm_type, dtype):
+    ws, gs = agc_pairs(AGC_SHAPES, dtype)
+    want = agc_ref(ws, gs, 0.01, 1e-3, norm_type)
+    cpu = [g.cpu() for g in gs]
+    clipped = sum(int(not torch.equal(g.double(), w)) for g, w in zip(gs, want))
+    assert clipped > 5  # the case exercises clipping
+    ops.multi_tensor_adaptive_clip_(ws, gs, 0.01, 1e-3, norm_type)
+    for i, (g, w) in enumerate(zip(gs, want)):
+        assert_agc_close(g, w, dtype, f"{dtype} p={norm_type} grads[{i}] {tuple(g.shape)}")
+    ops.multi_tensor_adaptive_clip_([w.cpu() for w in ws], cpu, 0.01, 1e-3, norm_type)  # the CPU kernel agrees
+    for g, c in zip(gs, cpu):
+        torch.testing.assert_close(g.cpu(), c, rtol=2 * agc_rtol(dtype), atol=torch.finfo(dtype).tiny)
+
+
+@gpu_test
+def test_adaptive_clip_planted_error_is_caught():
+    ws, gs = agc_pairs(AGC_SHAPES[:3] + AGC_SHAPES[10:12], torch.float32)
+    want = agc_ref(ws, gs, 0.01, 1e-3, 2.0)
+    ops.multi_tensor_adaptive_clip_(ws, gs, 0.01 * (1 + 1e-5), 1e-3, 2.0)
+    with pytest.raises(AssertionError, match="off by"):
+        for g, w in zip(gs, want):
+            assert_agc_close(g, w, torch.float32)
+
+
+@gpu_test
+def test_adaptive_clip_layouts_nan_and_sharing():
+    """Non-contiguous gradients and weights (units are dim-0 slices of the contiguous layout: packed
+    copies, written back where a unit clips), NaN in one unit, a gradient listed twice."""
+    base_w, base_g = agc_pairs([(517, 300), (8, 4, 3, 3), (64, 262)], torch.float32)
+    ws = [base_w[0].t(), base_w[1].contiguous(memory_format=torch.channels_last), base_w[2][:, ::2]]
+    gs = [base_g[0].t(), base_g[1].contiguous(memory_format=torch.channels_last), base_g[2][:, ::2]]
+    gs[0][4, 7] = math.nan
+    want = agc_ref(ws, gs, 0.01, 1e-3, 2.0)
+    untouched = base_g[2][:, 1::2].clone()
+    ops.multi_tensor_adaptive_clip_(ws, gs, 0.01, 1e-3, 2.0)
+    assert gs[0][4].isnan().all() and not gs[0][5].isnan().any()
+    for i, (g, w) in enumerate(zip(gs, want)):
+        assert_agc_close(g, w, torch.float32, f"layout {i}")
+    assert torch.equal(base_g[2][:, 1::2], untouched)  # the gaps of the view are not written
+    # one gradient for two parameters: clipped once per entry, in list order (as the CPU kernel)
+    w1, w2 = torch.randn(6, 40, device="cuda"), torch.randn(6, 40, device="cuda") * 0.1
+    g = torch.randn(6, 40, device="cuda")
+    cpu_g = g.cpu()
+    ops.multi_tensor_adaptive_clip_([w1, w2], [g, g], 0.01, 1e-3, 2.0)
+    ops.multi_tensor_adaptive_clip_([w1.cpu(), w2.cpu()], [cpu_g, cpu_g], 0.01, 1e-3, 2.0)
+    torch.testing.assert_close(g.cpu(), cpu_g, rtol=4e-6, atol=0)
+
+
+@gpu_test
+def test_adaptive_clip_several_launches():
+    """More pairs than one table holds, a pair with more blocks than one table, split units over
+    several launches of the split kernels."""
+    shapes = [(1 + (i * 37) % 50, 1 + (i * 911) % 700) for i in range(MAX_PAIRS + 16)]
+    shapes.insert(20, (MAX_PAIR_BLOCKS + 100, WARP_ROW_MAX + 3))  # block rows over two launches
+    shapes += [(CHUNK + 1 + i,) for i in range(MAX_PAIRS + 5)]  # split pairs: two launches
+    ws, gs = agc_pairs(shapes, torch.float32)
+    want = agc_ref(ws, gs, 0.01, 1e-3, 2.0)
+    ops.multi_tensor_adaptive_clip_(ws, gs, 0.01, 1e-3, 2.0)
+    for i, (g, w) in enumerate(zip(gs, want)):
+        assert_agc_close(g, w, torch.float32, f"grads[{i}] {tuple(g.shape)}")
+
+
+@gpu_test
+def test_adaptive_clip_no_sync_deterministic_and_cuda_graph():
+    ws, gs = agc_pairs(AGC_SHAPES, torch.float32)
+    gs.append(torch.randn(9, 70, device="cuda").t())  # a packed copy and its write-back
+    ws.append(torch.randn(9, 70, device="cuda").t())
+    before = [g.clone() for g in gs]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.multi_tensor_adaptive_clip_(ws, gs, 0.01, 1e-3, 2.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    again = [b.clone() for b in before]
+    ops.multi_tensor_adaptive_clip_(ws, again, 0.01, 1e-3, 2.0)
+    for g, a in zip(gs, again):
+        assert torch.equal(bits(g), bits(a))
+    static_w, static_g = agc_pairs(AGC_SHAPES, torch.float32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.multi_tensor_adaptive_clip_(static_w, [g.clone() for g in static_g], 0.01, 1e-3, 2.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.multi_tensor_adaptive_clip_(static_w, static_g, 0.01, 1e-3, 2.0)
+    _, fresh = agc_pairs(AGC_SHAPES, torch.float32)
+    for s, f in zip(static_g, fresh):
+        s.copy_(f)
+    want = agc_ref(static_w, fresh, 0.01, 1e-3, 2.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, w in zip(static_g, want):
+        assert_agc_close(g, w, torch.float32, "graph replay")
+
+
+@gpu_test
+def test_adaptive_clip_api_on_cuda():
+    """segclip.adaptive_clip_ takes the fused kernel for CUDA parameters: within 2e-6 of float64."""
+    import segclip
+    ws, gs = agc_pairs(AGC_SHAPES, torch.float32)
+    params = [torch.nn.Parameter(w) for w in ws]
+    for p, g in zip(params, gs):
+        p.grad = g
+    want = agc_ref(ws, gs, 0.01, 1e-3, 2.0)
+    segclip.adaptive_clip_(params, 0.01, 1e-3, 2.0)
+    for p, w in zip(params, want):
+        assert_agc_close(p.grad, w, torch.float32)
+
+
+@gpu_test
+def test_opcheck_group_and_adaptive():
+    utils = (("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+             if _fakes_registered() else ("test_schema", "test_autograd_registration"))
+    ts = [torch.randn(5, device="cuda"), torch.randn(3, 4, device="cuda").t(), torch.empty(0, device="cuda"),
+          torch.randn(CHUNK + 1, device="cuda", dtype=torch.float16)]
+    for p in NORM_TYPES:
+        torch.library.opcheck(ops.multi_tensor_group_partials.default, (ts, [0, 1, 0, 2], 3, p), test_utils=utils)
+    ws, gs = agc_pairs([(8, 3, 3, 3), (5,), (3, CHUNK + 3)], torch.float32)
+    for p in NORM_TYPES:
+        torch.library.opcheck(ops.multi_tensor_adaptive_clip_.default, (ws, [g.clone() for g in gs], 0.01, 1e-3, p),
+                              test_utils=utils)

@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "../adaptive_checks.h"
 #include "../inplace_checks.h"
 #include "../shared_memory.h"
 #include "tensor_checks.h"
@@ -38,12 +39,10 @@ constexpr double kGradNormFloor = 1e-6;  // timm: grad_norm.clamp(min=1e-6)
 
 enum class NormKind { kL1, kL2, kLinf };
 
+// norm_type is one of the three (check_adaptive_arguments).
 NormKind norm_kind(double norm_type) {
   if (norm_type == 2.0) return NormKind::kL2;
-  if (norm_type == 1.0) return NormKind::kL1;
-  if (std::isinf(norm_type) && norm_type > 0) return NormKind::kLinf;
-  TORCH_CHECK(false, "segclip::multi_tensor_adaptive_clip_ supports norm_type 1, 2 and inf, got ", norm_type,
-              " (segclip.adaptive_clip_ handles other norm types through PyTorch)");
+  return norm_type == 1.0 ? NormKind::kL1 : NormKind::kLinf;
 }
 
 template <NormKind K, typename T>
@@ -175,10 +174,7 @@ void clip_pairs(const std::vector<Pair>& pairs, double clip_factor, double eps) 
 void multi_tensor_adaptive_clip_cpu(at::TensorList weights, at::TensorList grads, double clip_factor, double eps,
                                     double norm_type) {
   const char* op = "segclip::multi_tensor_adaptive_clip_";
-  TORCH_CHECK(weights.size() == grads.size(), op, ": got ", weights.size(), " weights and ", grads.size(),
-              " grads; expected one weight per grad");
-  TORCH_CHECK(clip_factor >= 0, op, ": clip_factor must be a non-negative number, got ", clip_factor);
-  TORCH_CHECK(eps >= 0, op, ": eps must be a non-negative number, got ", eps);
+  check_adaptive_arguments(weights, grads, clip_factor, eps, norm_type, op);  // shared with the CUDA kernel
   const NormKind kind = norm_kind(norm_type);
   std::vector<Pair> pairs;
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // see note: [tensors that share memory]
@@ -187,13 +183,9 @@ void multi_tensor_adaptive_clip_cpu(at::TensorList weights, at::TensorList grads
     const at::Tensor& g = grads[i];
     check_cpu_tensor(w, op, "weights", i);
     check_cpu_tensor(g, op, "grads", i);
-    TORCH_CHECK(w.sizes() == g.sizes(), op, ": weights[", i, "] has shape ", w.sizes(), " but grads[", i,
-                "] has shape ", g.sizes());
-    TORCH_CHECK(w.scalar_type() == g.scalar_type(), op, ": weights[", i, "] has dtype ", w.scalar_type(),
-                " but grads[", i, "] has dtype ", g.scalar_type());
-    check_scalable(g, i, op);
+    check_adaptive_pair(w, g, i, op);
     if (g.numel() == 0) continue;
-    const int64_t rows = g.dim() <= 1 ? 1 : g.size(0);
+    const int64_t rows = adaptive_rows(g);
     Pair pr{w.contiguous(), g, at::Tensor(), rows, g.numel() / rows};
     if (g.is_contiguous()) {
       ranges.push_back(byte_range(g));

@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "../group_checks.h"
 #include "norm_partials.h"
 
 namespace segclip {
@@ -17,13 +18,7 @@ namespace {
 at::Tensor multi_tensor_group_partials_cpu(at::TensorList tensors, at::IntArrayRef groups, int64_t num_groups,
                                            double norm_type) {
   const char* op = "segclip::multi_tensor_group_partials";
-  TORCH_CHECK(num_groups >= 0, op, ": num_groups must be >= 0, got ", num_groups);
-  TORCH_CHECK(groups.size() == tensors.size(), op, ": groups has ", groups.size(), " entries for ",
-              tensors.size(), " tensors; expected one group index per tensor");
-  for (size_t i = 0; i < groups.size(); ++i) {
-    TORCH_CHECK(groups[i] >= 0 && groups[i] < num_groups, op, ": groups[", i, "] is ", groups[i],
-                "; expected a group index in [0, ", num_groups, ")");
-  }
+  check_group_arguments(tensors, groups, num_groups, op);  // shared with the CUDA kernel
   const ChunkPartials p = norm_chunk_partials(tensors, norm_type, op);
   std::vector<double> out(static_cast<size_t>(num_groups) + 1, 0.0);
   double& total = out.back();

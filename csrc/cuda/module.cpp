@@ -4,6 +4,7 @@
 // chunk and launch boundaries (see note: [CUDA chunking and launches]).
 #include <Python.h>
 
+#include "adaptive_apply.cuh"
 #include "multi_tensor_kernels.h"
 
 extern "C" PyObject* PyInit__C_cuda(void) {
@@ -25,7 +26,12 @@ extern "C" PyObject* PyInit__C_cuda(void) {
       PyModule_AddIntConstant(module, "KERNEL_PARAM_BYTES", kKernelParamBytes) < 0 ||
       PyModule_AddIntConstant(module, "MAX_TENSORS_PER_LAUNCH", kMaxTensors) < 0 ||
       PyModule_AddIntConstant(module, "MAX_BLOCKS_PER_LAUNCH", kMaxBlocks) < 0 ||
-      PyModule_AddIntConstant(module, "BLOCK_THREADS", kBlockThreads) < 0) {
+      PyModule_AddIntConstant(module, "BLOCK_THREADS", kBlockThreads) < 0 ||
+      PyModule_AddIntConstant(module, "MAX_GROUP_RUNS_PER_LAUNCH", kMaxGroupRuns) < 0 ||
+      PyModule_AddIntConstant(module, "MAX_PAIRS_PER_LAUNCH", kMaxPairs) < 0 ||
+      PyModule_AddIntConstant(module, "MAX_PAIR_BLOCKS_PER_LAUNCH", kMaxPairBlocks) < 0 ||
+      PyModule_AddIntConstant(module, "ADAPTIVE_WARP_ROW_MAX", static_cast<long>(kWarpRowMaxElems)) < 0 ||
+      PyModule_AddIntConstant(module, "ADAPTIVE_MAX_ROWS_PER_BLOCK", static_cast<long>(kMaxRowsPerBlock)) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

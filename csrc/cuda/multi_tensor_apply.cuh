@@ -127,6 +127,9 @@ static_assert(kChunkElems <= (int64_t{1} << 30), "in-chunk indices are 32-bit");
 // The kernels' other arguments fit in kMaxExtraParamBytes (each kernel's own static_assert), so the
 // table plus them stays within the kernel-argument space, see note: [kernel argument space].
 constexpr int kMaxExtraParamBytes = 128;
+// The exact limit on a kernel's parameters: 32,764 bytes in the large layout (CUDA 12.1+), 4,096 else.
+// For kernels that pass more than kMaxExtraParamBytes beside a table (see note: [group runs]).
+constexpr int kKernelParamLimit = kKernelParamBytes >= 32768 ? 32764 : 4096;
 static_assert(kKernelParamBytes == 4096 || kKernelParamBytes == 32768, "SEGCLIP_KERNEL_PARAM_BYTES: 4096 or 32768");
 static_assert(sizeof(TensorListMeta) + kMaxExtraParamBytes <= kKernelParamBytes,
               "kernel arguments exceed their space");
@@ -142,8 +145,12 @@ inline int64_t count_blocks(const std::vector<TensorPiece>& pieces) {
 
 // Calls launch(meta, n_blocks, first_block) once per launch, in list order, where first_block is the
 // number of blocks in earlier launches. See note: [CUDA chunking and launches].
-template <typename Launch>
-void multi_tensor_apply(const std::vector<TensorPiece>& pieces, Launch&& launch) {
+// admit(piece, entry) is asked before piece `piece` (its index in `pieces`) gets tensor table entry
+// `entry`: a caller with a side table of its own (see note: [group runs]) returns false when that
+// table is full, and the launch goes out first; asked again with entry 0 (a new launch), it must
+// return true. The caller resets its side table in `launch`.
+template <typename Admit, typename Launch>
+void multi_tensor_apply_admit(const std::vector<TensorPiece>& pieces, Admit&& admit, Launch&& launch) {
   TensorListMeta meta{};
   int n_tensors = 0;
   int n_blocks = 0;
@@ -154,10 +161,15 @@ void multi_tensor_apply(const std::vector<TensorPiece>& pieces, Launch&& launch)
     n_tensors = 0;
     n_blocks = 0;
   };
-  for (const TensorPiece& piece : pieces) {
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const TensorPiece& piece = pieces[i];
     const int64_t chunks = num_chunks(piece.numel);  // 0 for an empty tensor: no entry at all
     for (int64_t done = 0; done < chunks;) {
       if (n_tensors == kMaxTensors || n_blocks == kMaxBlocks) flush();  // a table is full
+      if (!admit(i, n_tensors)) {  // the caller's side table is full
+        flush();
+        admit(i, 0);
+      }
       const int64_t take = std::min<int64_t>(chunks - done, kMaxBlocks - n_blocks);
       const int64_t offset = done * kChunkElems;  // elements already launched
       meta.ptr[n_tensors] = static_cast<char*>(piece.ptr) + offset * elem_size(piece.dtype);
@@ -170,6 +182,57 @@ void multi_tensor_apply(const std::vector<TensorPiece>& pieces, Launch&& launch)
     }
   }
   if (n_blocks > 0) flush();  // after the loop: trailing empty tensors cannot drop it
+}
+
+template <typename Launch>
+void multi_tensor_apply(const std::vector<TensorPiece>& pieces, Launch&& launch) {
+  multi_tensor_apply_admit(pieces, [](size_t, int) { return true; }, launch);
+}
+
+// NOTE: [group runs]
+// The per-group partials (multi_tensor_group_partials) need each block's group. A launch carries it
+// as runs: run r covers tensor table entries first_entry[r] .. first_entry[r + 1] - 1, all of group
+// group[r] (consecutive entries of one group share a run). Up to kMaxGroupRuns runs fit beside the
+// tensor table in the kernel-argument space; a launch goes out early when an entry would need one
+// more (multi_tensor_apply_grouped). The usual groups (backbone, classifier, aux; an optimizer's
+// param groups) are runs of consecutive tensors: one run each, one launch as for the norm. Only a
+// list whose groups alternate more often than kMaxGroupRuns times takes more launches. Launch
+// boundaries change neither the chunks nor the slots (block numbers over all launches), so the
+// partials are those of the norm, see note: [last-block reduction].
+constexpr int kMaxGroupRuns = kKernelParamBytes >= 32768 ? 128 : 10;
+
+struct GroupRuns {
+  uint16_t first_entry[kMaxGroupRuns];  // increasing; first_entry[0] == 0
+  int32_t group[kMaxGroupRuns];
+  int32_t n;
+};
+
+// The group of tensor table entry `entry` (runs.n >= 1).
+SEGCLIP_HOST_DEVICE int32_t group_of_entry(const GroupRuns& runs, int entry) {
+  int r = 0;
+  while (r + 1 < runs.n && runs.first_entry[r + 1] <= entry) ++r;
+  return runs.group[r];
+}
+
+// multi_tensor_apply with pieces[i] in group groups[i]: calls launch(meta, runs, n_blocks, first_block).
+template <typename Launch>
+void multi_tensor_apply_grouped(const std::vector<TensorPiece>& pieces, const std::vector<int32_t>& groups,
+                                Launch&& launch) {
+  GroupRuns runs{};
+  auto admit = [&](size_t piece, int entry) {
+    const int32_t g = groups[piece];
+    if (entry > 0 && runs.group[runs.n - 1] == g) return true;  // continues the last run
+    if (runs.n == kMaxGroupRuns && entry > 0) return false;
+    if (entry == 0) runs.n = 0;
+    runs.first_entry[runs.n] = static_cast<uint16_t>(entry);
+    runs.group[runs.n] = g;
+    ++runs.n;
+    return true;
+  };
+  multi_tensor_apply_admit(pieces, admit, [&](const TensorListMeta& meta, int n_blocks, int64_t first_block) {
+    launch(meta, runs, n_blocks, first_block);
+    runs.n = 0;
+  });
 }
 
 // multi_tensor_apply's launches, last first: the same tables, in reverse order. For a pass that

@@ -27,64 +27,12 @@
 #include "../inplace_checks.h"
 #include "../scale_out_of_place.h"
 #include "../shared_memory.h"
+#include "cuda_checks.h"
 #include "multi_tensor_kernels.h"
 
 namespace segclip {
 namespace cuda {
 namespace {
-
-NormKind norm_kind(double norm_type) {
-  if (norm_type == 2.0) return NormKind::kL2;
-  if (norm_type == 1.0) return NormKind::kL1;
-  if (std::isinf(norm_type) && norm_type > 0) return NormKind::kLinf;
-  TORCH_CHECK(false, "segclip kernels support norm_type 1, 2 and inf, got ", norm_type,
-              " (segclip.total_norm and segclip.fused_clip_ handle other norm types through PyTorch)");
-}
-
-std::optional<DType> to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kHalf;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kFloat: return DType::kFloat;
-    case at::kDouble: return DType::kDouble;
-    default: return std::nullopt;
-  }
-}
-
-// Checks every tensor (all errors are RuntimeErrors naming the index) and returns their device, which
-// every tensor must be on: `expected` when given (the scale's coef device), else the device of the
-// first CUDA tensor. Nothing has been queued or written when a check fails.
-at::Device check_tensors(at::TensorList tensors, const char* op, std::optional<at::Device> expected = std::nullopt) {
-  std::string ref_name = "coef";
-  if (!expected.has_value()) {
-    for (size_t i = 0; i < tensors.size() && !expected.has_value(); ++i) {
-      TORCH_CHECK(tensors[i].defined(), op, ": tensors[", i, "] is undefined");
-      if (tensors[i].is_cuda()) {
-        expected = tensors[i].device();
-        ref_name = "tensors[" + std::to_string(i) + "]";
-      }
-    }
-    TORCH_CHECK(expected.has_value(), op, ": the CUDA kernel got no CUDA tensor (tensors[0] is on ",
-                tensors[0].device(), ")");
-  }
-  const at::Device device = *expected;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.defined(), op, ": tensors[", i, "] is undefined");
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] has layout ", t.layout(),
-                "; only strided (dense) tensors are supported");
-    TORCH_CHECK(t.device() == device, op, ": tensors[", i, "] is on ", t.device(), " but ", ref_name, " is on ",
-                device, "; all tensors must be on one CUDA device");
-    TORCH_CHECK(to_dtype(t.scalar_type()).has_value(), op, ": tensors[", i, "] has dtype ", t.scalar_type(),
-                "; supported: float32, float64, float16, bfloat16");
-    // Possible with set_() on a byte offset of a storage, or DLPack: the GPU cannot even load such an
-    // element (a misaligned-address fault kills the CUDA context), so refuse it before anything runs.
-    TORCH_CHECK(t.numel() == 0 || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % t.element_size() == 0, op,
-                ": tensors[", i, "]'s data pointer ", t.const_data_ptr(), " is not a multiple of its element size (",
-                t.element_size(), " bytes); a CUDA kernel cannot read it (copy it with .clone() first)");
-  }
-  return device;
-}
 
 // NOTE: [CUDA non-dense tensors]
 // A tensor with gaps or overlaps in memory (x[:, ::2], an expanded view) cannot be processed as a

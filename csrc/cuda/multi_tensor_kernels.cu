@@ -6,6 +6,7 @@
 // time (one dtype per block, so the branch is uniform) instead of one template instance per dtype.
 #include "multi_tensor_kernels.h"
 #include "multi_tensor_math.cuh"
+#include "block_reduce.cuh"
 
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
@@ -17,9 +18,6 @@ namespace segclip {
 namespace cuda {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kWarps = kBlockThreads / kWarpSize;
-static_assert(kBlockThreads % kWarpSize == 0 && kWarps <= kWarpSize, "block_reduce's second stage is one warp");
 // Minimum resident blocks per SM, i.e. register caps (65536 / (n * 512) per thread). Without one,
 // ptxas aims at 32 registers on sm_90 and spills in scale_kernel; with 3 (cap 40) the norm kernels
 // spill on sm_80. 2 blocks (1024 threads, 32 KiB of 16-byte loads in flight per SM) are plenty for
@@ -47,29 +45,6 @@ constexpr int kScaleMinBlocksPerSm = min_blocks_per_sm(3);
 //     order, see note: [last-block reduction]. Which block is last varies from run to run, but it
 //     does the same arithmetic in the same order.
 // There are no floating-point atomics anywhere (the only atomic counts blocks).
-
-// Combines one value per thread; the result is valid in thread 0 only. Every thread of the block
-// must call it (it synchronises). Two calls with the same T need a __syncthreads() between them.
-template <NormKind K, typename T>
-__device__ __forceinline__ T block_reduce(T v) {
-  __shared__ T warp_vals[kWarps];
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v = combine<K>(v, __shfl_down_sync(0xffffffffu, v, offset));
-  }
-  if (lane == 0) warp_vals[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? warp_vals[lane] : T(0);  // 0 is the identity: all terms are >= 0 or NaN
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      v = combine<K>(v, __shfl_down_sync(0xffffffffu, v, offset));
-    }
-  }
-  return v;
-}
 
 // The calling block's partial: its chunk's sum of |x|^p, or max |x|. Valid in thread 0.
 // Each thread accumulates its 128 elements in its op-math type (float; double for double), and the
@@ -139,24 +114,92 @@ __device__ __forceinline__ void finalize(const NormParams& p) {
 // streams cannot interfere, and both are capturable in a CUDA graph (memset node + kernel nodes).
 // When the list holds no element at all, one block runs finalize alone (norm 0).
 // Bitwise reproducible, see note: [CUDA determinism].
+// The release/count/acquire step of note: [last-block reduction], for the norm and the per-group
+// partials: thread 0 stores the block's partial (valid in thread 0) to partials[slot] and, when
+// slot_group is not null, the block's group to slot_group[slot]; returns, in every thread, whether
+// this block is the last of total_blocks. Synchronises the block.
+__device__ __forceinline__ bool publish_partial(double partial, int64_t slot, double* partials, int32_t* slot_group,
+                                                int32_t group, unsigned int* counter, int64_t total_blocks) {
+  __shared__ bool is_last;
+  if (threadIdx.x == 0) {
+    partials[slot] = partial;
+    if (slot_group != nullptr) slot_group[slot] = group;
+    __threadfence();  // release: the partial is visible device-wide before the count says so
+    const unsigned int done_before = atomicAdd(counter, 1u);  // relaxed
+    is_last = done_before == static_cast<unsigned int>(total_blocks - 1);
+    // Acquire, in the thread that observed the count: with the other blocks' release fences, every
+    // partial counted is visible to this thread, and through the barrier below to its whole block.
+    if (is_last) __threadfence();
+  }
+  __syncthreads();  // also separates block_partial's and the finish's use of shared memory
+  return is_last;
+}
+
 template <NormKind K>
 __global__ void __launch_bounds__(kBlockThreads, kNormMinBlocksPerSm) norm_kernel(const TensorListMeta meta, const NormParams p) {
   if (p.total_blocks > 0) {
-    __shared__ bool is_last;
     const double partial = block_partial<K>(meta);
-    if (threadIdx.x == 0) {
-      p.partials[p.first_block + blockIdx.x] = partial;
-      __threadfence();  // release: the partial is visible device-wide before the count says so
-      const unsigned int done_before = atomicAdd(p.counter, 1u);  // relaxed
-      is_last = done_before == static_cast<unsigned int>(p.total_blocks - 1);
-      // Acquire, in the thread that observed the count: with the other blocks' release fences, every
-      // partial counted is visible to this thread, and through the barrier below to its whole block.
-      if (is_last) __threadfence();
+    if (!publish_partial(partial, p.first_block + blockIdx.x, p.partials, nullptr, 0, p.counter, p.total_blocks)) {
+      return;
     }
-    __syncthreads();  // also separates block_partial's and finalize's use of shared memory
-    if (!is_last) return;
   }
   finalize<K>(p);
+}
+
+// NOTE: [group partials on CUDA]
+// multi_tensor_group_partials is the norm kernel with a group per block: the same chunks, the same
+// block partials in the same slots (block numbers over all launches, in list order), the same
+// release/count/acquire, so the same last block. Each block learns its group from its launch's runs
+// (see note: [group runs]) and stores it beside its partial (slot_group[slot]). The last block then
+//   * combines all slots exactly as the norm's finalize does (thread-strided, then block_reduce): the
+//     total is bitwise the value multi_tensor_norm takes the root of;
+//   * computes group g in warp g % kWarps: lane-strided over all slots, those of group g combined,
+//     then a fixed shuffle tree. Deterministic; it reads num_groups / kWarps * total_blocks / 32
+//     slots per lane (small: a few groups, or a per-layer group for each of a few hundred tensors).
+// No memset of the output: the last block writes every entry (0 for a group without elements).
+struct GroupParams {
+  unsigned int* counter;  // blocks done over all launches; zeroed before the first launch
+  double* partials;       // one slot per block over all launches
+  int32_t* slot_group;    // the group of each slot
+  double* out;            // num_groups + 1 doubles: per group, then the total
+  int64_t first_block;    // this launch's first slot
+  int64_t total_blocks;   // blocks over all launches; 0: no element at all
+  int32_t num_groups;
+};
+static_assert(sizeof(TensorListMeta) + sizeof(GroupRuns) + sizeof(GroupParams) + 16 <= kKernelParamLimit,
+              "group kernel arguments exceed their space, see note: [group runs]");
+
+template <NormKind K>
+__device__ __forceinline__ void finalize_groups(const GroupParams& p) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < p.total_blocks; i += kBlockThreads) {
+    acc = combine<K>(acc, __ldcg(p.partials + i));  // as finalize: the norm's total, bitwise
+  }
+  acc = block_reduce<K>(acc);
+  if (threadIdx.x == 0) p.out[p.num_groups] = acc;
+  const int lane = threadIdx.x % kWarpSize;
+  for (int32_t g = threadIdx.x / kWarpSize; g < p.num_groups; g += kWarps) {  // uniform within a warp
+    double v = 0.0;
+    for (int64_t i = lane; i < p.total_blocks; i += kWarpSize) {
+      if (__ldcg(p.slot_group + i) == g) v = combine<K>(v, __ldcg(p.partials + i));
+    }
+    v = warp_allreduce<K>(v);
+    if (lane == 0) p.out[g] = v;
+  }
+}
+
+template <NormKind K>
+__global__ void __launch_bounds__(kBlockThreads, kNormMinBlocksPerSm)
+    group_partials_kernel(const TensorListMeta meta, const GroupRuns runs, const GroupParams p) {
+  if (p.total_blocks > 0) {
+    const double partial = block_partial<K>(meta);
+    const int32_t group = threadIdx.x == 0 ? group_of_entry(runs, meta.block_tensor[blockIdx.x]) : 0;
+    if (!publish_partial(partial, p.first_block + blockIdx.x, p.partials, p.slot_group, group, p.counter,
+                         p.total_blocks)) {
+      return;
+    }
+  }
+  finalize_groups<K>(p);
 }
 
 __device__ __forceinline__ double load_coef(const void* coef, DType dtype) {
@@ -324,9 +367,47 @@ void launch_norm(const std::vector<TensorPiece>& pieces, NormParams p, cudaStrea
   });
 }
 
+template <NormKind K>
+void launch_groups(const std::vector<TensorPiece>& pieces, const std::vector<int32_t>& groups, GroupParams p,
+                   cudaStream_t stream) {
+  if (p.total_blocks == 0) {  // no element: finalize_groups alone (zeros)
+    group_partials_kernel<K><<<1, kBlockThreads, 0, stream>>>(TensorListMeta{}, GroupRuns{}, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  C10_CUDA_CHECK(cudaMemsetAsync(p.counter, 0, sizeof(unsigned int), stream));
+  multi_tensor_apply_grouped(pieces, groups,
+                             [&](const TensorListMeta& meta, const GroupRuns& runs, int n_blocks, int64_t first_block) {
+                               p.first_block = first_block;
+                               group_partials_kernel<K><<<n_blocks, kBlockThreads, 0, stream>>>(meta, runs, p);
+                               C10_CUDA_KERNEL_LAUNCH_CHECK();
+                             });
+}
+
 }  // namespace
 
 int kernel_param_bytes() { return kKernelParamBytes; }
+
+void launch_multi_tensor_group_partials(NormKind kind, const std::vector<TensorPiece>& pieces,
+                                        const std::vector<int32_t>& groups, int32_t num_groups, void* scratch,
+                                        double* out, cudaStream_t stream) {
+  TORCH_CHECK(groups.size() == pieces.size(), "segclip: one group per piece");
+  GroupParams p{};
+  p.total_blocks = count_blocks(pieces);
+  TORCH_CHECK(p.total_blocks < int64_t{0xffffffff}, "segclip: too many chunks (", p.total_blocks, ")");
+  TORCH_CHECK(p.total_blocks == 0 || scratch != nullptr, "segclip: group scratch missing");
+  char* base = static_cast<char*>(scratch);
+  p.counter = reinterpret_cast<unsigned int*>(base);
+  p.partials = reinterpret_cast<double*>(base + kScratchHeaderBytes);
+  p.slot_group = reinterpret_cast<int32_t*>(base + norm_scratch_bytes(p.total_blocks));
+  p.out = out;
+  p.num_groups = num_groups;
+  switch (kind) {
+    case NormKind::kL1: launch_groups<NormKind::kL1>(pieces, groups, p, stream); break;
+    case NormKind::kL2: launch_groups<NormKind::kL2>(pieces, groups, p, stream); break;
+    case NormKind::kLinf: launch_groups<NormKind::kLinf>(pieces, groups, p, stream); break;
+  }
+}
 
 void launch_multi_tensor_norm(NormKind kind, const std::vector<TensorPiece>& pieces, void* scratch,
                               void* norm_out, void* coef_out, double max_norm, bool out_double,

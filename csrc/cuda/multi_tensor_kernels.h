@@ -33,6 +33,22 @@ void launch_multi_tensor_norm(NormKind kind, const std::vector<TensorPiece>& pie
                               void* norm_out, void* coef_out, double max_norm, bool out_double,
                               cudaStream_t stream);
 
+// Bytes of device scratch launch_multi_tensor_group_partials needs: the norm's, then one int32 (the
+// slot's group) per block. See note: [group partials on CUDA] (multi_tensor_kernels.cu).
+inline int64_t group_scratch_bytes(int64_t total_blocks) {
+  if (total_blocks == 0) return 0;
+  return norm_scratch_bytes(total_blocks) + total_blocks * static_cast<int64_t>(sizeof(int32_t));
+}
+
+// Queues the per-group partials of all pieces on `stream` (pieces[i] in group groups[i], 0 <= groups[i]
+// < num_groups): out[g] the sum of |x|^p (max |x| for inf) over group g's pieces, out[num_groups]
+// over all of them, as double; the last entry is bitwise what launch_multi_tensor_norm takes the root
+// of. scratch: group_scratch_bytes(count_blocks(pieces)) bytes, 16-byte aligned, only used by this
+// call. Never synchronises with the host.
+void launch_multi_tensor_group_partials(NormKind kind, const std::vector<TensorPiece>& pieces,
+                                        const std::vector<int32_t>& groups, int32_t num_groups, void* scratch,
+                                        double* out, cudaStream_t stream);
+
 // The persistent clip (see note: [persistent clip] in multi_tensor_kernels.cu): the grid it would
 // use on `device` for these pieces (about 2 blocks per SM, never more than can be co-resident), and
 // the launch itself, for pieces that fit one table, all flat and sharing no memory. Queues a memset

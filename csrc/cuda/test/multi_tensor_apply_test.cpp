@@ -1,6 +1,7 @@
 // Host-only test of the multi-tensor apply's chunking (csrc/cuda/multi_tensor_apply.cuh): the launch
-// tables, block_chunk, VecSplit and the strided scale's indexing are the exact functions the kernels use, run here without a GPU
-// on fake addresses (nothing is dereferenced). Built and run by tests/test_cuda.py once per table
+// tables, block_chunk, VecSplit and the strided scale's indexing are the exact functions the kernels
+// use, run here without a GPU on fake addresses (nothing is dereferenced); so are the group runs
+// (multi_tensor_apply_grouped) and the adaptive clip's work split (adaptive_apply.cuh). Built and run by tests/test_cuda.py once per table
 // layout (see note: [kernel argument space]):
 //   c++ -std=c++17 -O1 -Wall -Werror -DSEGCLIP_KERNEL_PARAM_BYTES=32768 -I csrc/cuda
 //       csrc/cuda/test/multi_tensor_apply_test.cpp       (and again with =4096)
@@ -12,6 +13,7 @@
 #include <random>
 #include <vector>
 
+#include "adaptive_apply.cuh"
 #include "multi_tensor_apply.cuh"
 
 #include "expect.h"
@@ -258,6 +260,225 @@ void check_strided_views() {
 
 }  // namespace
 
+// multi_tensor_apply_grouped (see note: [group runs]): the same chunks in the same block slots as
+// multi_tensor_apply, each block's group (group_of_entry, what the kernel calls) that of its tensor,
+// valid run tables; returns the number of launches.
+int check_grouped(const std::vector<Spec>& specs, const std::vector<int32_t>& groups, const char* name) {
+  std::vector<TensorPiece> pieces;
+  struct Want {
+    uintptr_t ptr;
+    int64_t len;
+    size_t piece;
+  };
+  std::vector<Want> want;  // per block slot, over all launches
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const uintptr_t b = (uintptr_t{1} << 44) + (uintptr_t{i} << 40) +
+                        static_cast<uintptr_t>(specs[i].misalign_elems * elem_size(specs[i].dtype));
+    pieces.push_back({reinterpret_cast<void*>(b), specs[i].numel, specs[i].dtype});
+    for (int64_t c = 0; c < num_chunks(specs[i].numel); ++c) {
+      const int64_t left = specs[i].numel - c * kChunkElems;
+      want.push_back({b + static_cast<uintptr_t>(c * kChunkElems * elem_size(specs[i].dtype)),
+                      left < kChunkElems ? left : kChunkElems, i});
+    }
+  }
+  int launches = 0;
+  int64_t seen = 0;
+  multi_tensor_apply_grouped(pieces, groups, [&](const TensorListMeta& meta, const GroupRuns& runs, int n_blocks,
+                                                 int64_t first_block) {
+    ++launches;
+    EXPECT(first_block == seen, "%s: first_block %lld, expected %lld", name, (long long)first_block, (long long)seen);
+    EXPECT(runs.n >= 1 && runs.n <= kMaxGroupRuns, "%s: %d runs", name, runs.n);
+    EXPECT(runs.first_entry[0] == 0, "%s: the first run starts at entry %d", name, runs.first_entry[0]);
+    for (int r = 1; r < runs.n; ++r) {
+      EXPECT(runs.first_entry[r] > runs.first_entry[r - 1] && runs.group[r] != runs.group[r - 1],
+             "%s: run %d not a new run", name, r);
+    }
+    for (int b = 0; b < n_blocks; ++b) {
+      const int64_t slot = first_block + b;
+      if (slot >= static_cast<int64_t>(want.size())) {
+        EXPECT(false, "%s: more blocks than chunks", name);
+        return;
+      }
+      const BlockChunk c = block_chunk(meta, b);
+      EXPECT(reinterpret_cast<uintptr_t>(c.ptr) == want[slot].ptr && c.len == want[slot].len,
+             "%s: slot %lld holds another chunk", name, (long long)slot);
+      const int32_t g = group_of_entry(runs, meta.block_tensor[b]);
+      EXPECT(g == groups[want[slot].piece], "%s: slot %lld in group %d, its tensor in %d", name, (long long)slot, g,
+             groups[want[slot].piece]);
+    }
+    seen += n_blocks;
+  });
+  EXPECT(seen == static_cast<int64_t>(want.size()), "%s: %lld blocks for %zu chunks", name, (long long)seen,
+         want.size());
+  return launches;
+}
+
+int count_launches(const std::vector<Spec>& specs) {
+  std::vector<TensorPiece> pieces;
+  for (const Spec& s : specs) pieces.push_back({reinterpret_cast<void*>(uintptr_t{1} << 44), s.numel, s.dtype});
+  int launches = 0;
+  multi_tensor_apply(pieces, [&](const TensorListMeta&, int, int64_t) { ++launches; });
+  return launches;
+}
+
+void check_grouped_cases(std::mt19937_64& rng, int* cases) {
+  const int64_t C = kChunkElems;
+  {  // a segmentation model: backbone, classifier, aux as runs: as many launches as the norm
+    std::vector<Spec> specs;
+    std::vector<int32_t> groups;
+    for (int i = 0; i < 180; ++i) {
+      specs.push_back({(i % 9 == 0) ? 0 : (i * 7919) % (2 * C) + 1, DType(i % 4), i % 8});
+      groups.push_back(i < 150 ? 0 : (i < 170 ? 1 : 2));
+    }
+    const int launches = check_grouped(specs, groups, "three groups in runs");
+    EXPECT(launches == count_launches(specs), "three groups: %d launches, the norm %d", launches,
+           count_launches(specs));
+    ++*cases;
+  }
+  {  // every tensor its own group, more groups than one launch's runs: launches go out early
+    std::vector<Spec> specs;
+    std::vector<int32_t> groups;
+    for (int i = 0; i < 3 * kMaxGroupRuns + 5; ++i) {
+      specs.push_back({(i % 5 == 0) ? 0 : 1 + i, DType::kFloat, 0});
+      groups.push_back(i);
+    }
+    const int launches = check_grouped(specs, groups, "one group per tensor");
+    EXPECT(launches >= 3, "one group per tensor: %d launches", launches);
+    ++*cases;
+  }
+  {  // alternating groups, a tensor cut across launches, empties, the tensor table full
+    std::vector<Spec> specs;
+    std::vector<int32_t> groups;
+    for (int i = 0; i < 2 * kMaxTensors + 7; ++i) {
+      specs.push_back({(i % 11 == 0) ? 0 : (i * 977) % (3 * C), DType(i % 4), i % 8});
+      groups.push_back(i % 2);
+    }
+    specs.insert(specs.begin() + 40, {2 * kMaxBlocks * C + 5, DType::kHalf, 1});
+    groups.insert(groups.begin() + 40, 1);
+    check_grouped(specs, groups, "alternating groups, several launches");
+    ++*cases;
+  }
+  check_grouped({}, {}, "grouped: empty list");
+  check_grouped({{0, DType::kFloat, 0}, {0, DType::kFloat, 0}}, {0, 1}, "grouped: all empty");
+  *cases += 2;
+  for (int trial = 0; trial < 100; ++trial) {
+    std::vector<Spec> specs;
+    std::vector<int32_t> groups;
+    const int n = static_cast<int>(rng() % 600);
+    const int n_groups = 1 + static_cast<int>(rng() % 300);
+    for (int i = 0; i < n; ++i) {
+      const int64_t numel = rng() % 4 == 0 ? 0 : static_cast<int64_t>(rng() % (3 * C));
+      specs.push_back({numel, DType(rng() % 4), static_cast<int>(rng() % 8)});
+      groups.push_back(rng() % 3 == 0 || i == 0 ? static_cast<int32_t>(rng() % n_groups) : groups.back());
+    }
+    check_grouped(specs, groups, "grouped: random");
+    ++*cases;
+  }
+}
+
+// pair_apply / pair_work (see note: [adaptive clip on CUDA]): every unit of every pair covered exactly
+// once (warp and block rows: whole rows; split rows: every segment once, the unit's segments in
+// consecutive slots), within the table sizes, entries in list order.
+void check_pairs(const std::vector<std::pair<int64_t, int64_t>>& shapes, const char* name) {
+  std::vector<PairPiece> pairs;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const uintptr_t b = (uintptr_t{1} << 44) + (uintptr_t{i} << 40);
+    pairs.push_back({reinterpret_cast<const void*>(b), reinterpret_cast<void*>(b + (uintptr_t{1} << 39)),
+                     shapes[i].first, shapes[i].second, DType(i % 4), static_cast<int16_t>(i % 3 == 0 ? i : -1)});
+  }
+  // covered[i][r * segs + s]: how often segment s of row r of pair i was taken
+  std::vector<std::vector<int>> covered(pairs.size());
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    const int64_t units = pairs[i].len == 0 ? 0 : pairs[i].rows;  // an empty pair has no work
+    covered[i].assign(static_cast<size_t>(units * segments_per_row(pairs[i].len)), 0);
+  }
+  int64_t seen = 0;
+  pair_apply(pairs, [&](const PairListMeta& meta, int n_blocks, int64_t first_block) {
+    EXPECT(n_blocks > 0 && n_blocks <= kMaxPairBlocks, "%s: %d blocks", name, n_blocks);
+    EXPECT(first_block == seen, "%s: first_block %lld, expected %lld", name, (long long)first_block, (long long)seen);
+    for (int b = 0; b < n_blocks; ++b) {
+      const PairWork w = pair_work(meta, b);
+      EXPECT(w.entry >= 0 && w.entry < kMaxPairs, "%s: entry %d", name, w.entry);
+      const uintptr_t base = reinterpret_cast<uintptr_t>(meta.w[w.entry]);
+      const size_t i = static_cast<size_t>((base - (uintptr_t{1} << 44)) >> 40);
+      if (i >= pairs.size()) {
+        EXPECT(false, "%s: block %d of an unknown pair", name, b);
+        continue;
+      }
+      EXPECT(meta.g[w.entry] == pairs[i].g && meta.dtype[w.entry] == pairs[i].dtype &&
+                 meta.wrote[w.entry] == pairs[i].wrote && meta.rows[w.entry] == pairs[i].rows &&
+                 meta.len[w.entry] == pairs[i].len, "%s: entry %d does not describe pair %zu", name, w.entry, i);
+      const int64_t segs = segments_per_row(pairs[i].len);
+      EXPECT(w.row_begin < w.row_end && w.row_end <= pairs[i].rows, "%s: rows [%lld, %lld) of %lld", name,
+             (long long)w.row_begin, (long long)w.row_end, (long long)pairs[i].rows);
+      EXPECT(w.seg >= 0 && w.seg < segs, "%s: segment %lld of %lld", name, (long long)w.seg, (long long)segs);
+      if (segs > 1) EXPECT(w.row_end == w.row_begin + 1, "%s: a split block takes one row", name);
+      for (int64_t r = w.row_begin; r < w.row_end; ++r) ++covered[i][static_cast<size_t>(r * segs + w.seg)];
+    }
+    seen += n_blocks;
+  });
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    for (size_t k = 0; k < covered[i].size(); ++k) {
+      EXPECT(covered[i][k] == 1, "%s: pair %zu unit-segment %zu taken %d times", name, i, k, covered[i][k]);
+    }
+  }
+}
+
+// The split rows' slots: the blocks of one unit are consecutive over all launches, so the unit's
+// segments are at slot - seg .. slot - seg + segs - 1 in every one of its blocks.
+void check_split_slots(const std::vector<std::pair<int64_t, int64_t>>& shapes, const char* name) {
+  std::vector<PairPiece> pairs;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    pairs.push_back({reinterpret_cast<const void*>((uintptr_t{1} << 44) + (uintptr_t{i} << 40)),
+                     reinterpret_cast<void*>(uintptr_t{1} << 45), shapes[i].first, shapes[i].second, DType::kFloat,
+                     -1});
+  }
+  std::vector<std::pair<int64_t, int64_t>> slot_unit;  // slot -> (unit id, seg), over all launches
+  std::vector<int64_t> slot_first;
+  pair_apply(pairs, [&](const PairListMeta& meta, int n_blocks, int64_t first_block) {
+    for (int b = 0; b < n_blocks; ++b) {
+      const PairWork w = pair_work(meta, b);
+      EXPECT(first_block + b == static_cast<int64_t>(slot_unit.size()), "%s: slots out of order", name);
+      const uintptr_t w_addr = reinterpret_cast<uintptr_t>(meta.w[w.entry]);
+      const int64_t pair = static_cast<int64_t>((w_addr - (uintptr_t{1} << 44)) >> 40);
+      slot_unit.push_back({pair * (int64_t{1} << 32) + w.row_begin, w.seg});
+      slot_first.push_back(first_block + b - w.seg);
+    }
+  });
+  for (size_t s = 0; s < slot_unit.size(); ++s) {
+    const int64_t f = slot_first[s];
+    EXPECT(f >= 0 && static_cast<size_t>(f) < slot_unit.size() && slot_unit[static_cast<size_t>(f)].second == 0 &&
+               slot_unit[static_cast<size_t>(f)].first == slot_unit[s].first,
+           "%s: slot %zu's unit does not start at slot %lld", name, s, (long long)f);
+  }
+}
+
+void check_pair_cases(int* cases) {
+  const int64_t C = kChunkElems;
+  EXPECT(unit_mode(kWarpRowMaxElems) == UnitMode::kWarpRows && unit_mode(kWarpRowMaxElems + 1) == UnitMode::kBlockRow &&
+             unit_mode(C) == UnitMode::kBlockRow && unit_mode(C + 1) == UnitMode::kSplitRow,
+         "unit_mode boundaries");
+  EXPECT(rows_per_block(1) == kMaxRowsPerBlock && rows_per_block(kWarpRowMaxElems) == C / kWarpRowMaxElems &&
+             rows_per_block(C) == 1 && segments_per_row(C) == 1 && segments_per_row(C + 1) == 2,
+         "rows_per_block / segments_per_row");
+  check_pairs({}, "pairs: empty list");
+  check_pairs({{0, 5}, {3, 0}}, "pairs: empty tensors");
+  check_pairs({{2048, 64}, {960, 9}, {64, 1}, {1, 300}, {1, 1}}, "pairs: many tiny units (1x1, depthwise, bias)");
+  check_pairs({{5, kWarpRowMaxElems}, {5, kWarpRowMaxElems + 1}, {3, C - 1}, {3, C}, {3, C + 1}},
+              "pairs: mode boundaries");
+  check_pairs({{1, 7 * C + 5}, {3, 2 * C + 1}, {2, 3}}, "pairs: huge units");
+  check_split_slots({{1, 7 * C + 5}, {3, 2 * C + 1}, {2, (kMaxPairBlocks + 3) * C}}, "split slots");
+  {
+    std::vector<std::pair<int64_t, int64_t>> shapes;  // more pairs than one table, and more blocks
+    for (int i = 0; i < 2 * kMaxPairs + 7; ++i) shapes.push_back({1 + (i * 37) % 300, 1 + (i * 911) % 3000});
+    shapes.insert(shapes.begin() + 17, {kMaxPairBlocks + 10, 2000});  // one pair across launches
+    shapes.insert(shapes.begin() + 5, {1, (2 * kMaxPairBlocks + 1) * C});  // one unit across launches
+    check_pairs(shapes, "pairs: several launches");
+    check_split_slots({{1, (2 * kMaxPairBlocks + 1) * C}, {2, 3 * C}}, "split slots across launches");
+  }
+  *cases += 8;
+}
+
 int main() {
   int cases = 0;
   const int64_t C = kChunkElems;
@@ -332,6 +553,8 @@ int main() {
                            "persistent: slice size +-1");
     cases += 3;
   }
+  check_grouped_cases(rng, &cases);
+  check_pair_cases(&cases);
   check_vec_split();
   ++cases;
   check_strided_views();
