@@ -2,7 +2,8 @@
 # One-shot GPU check of segclip's CUDA kernels, for a machine with a GPU and its own torch, python3,
 # ninja and a CUDA toolkit, and no package registry (nothing is installed or downloaded):
 #   1. builds the extension in place for sm_90 (SEGCLIP_WITH_CUDA=1, CUDA_HOME resolved here),
-#   2. runs tests/test_cuda.py,
+#   2. runs tests/test_cuda.py: the norm/scale/clip/value tests, then (2b, capped on its own, so that
+#      neither part can starve the other) the per-group partials and adaptive clip tests,
 #   3. runs segclip bench --device cuda (the clip suite; its JSON gives the last table),
 #   4. runs benchmarks/gpu_sanitize.py under compute-sanitizer's memcheck,
 #   5. runs the other tests (the trainer on the GPU among them), time-boxed,
@@ -13,8 +14,8 @@
 # Budget: GPU_CHECK_BUDGET_S (default 420 s, leaving room under a 10-minute command limit): every
 # step runs under `timeout -k 10` with a cap cut from what is left, keeping time for the steps after
 # it and the 10 s kill grace, so the whole script never overruns the budget; a step that cannot get
-# at least 5 s is skipped ("not run"). Expected on an H200: build < 1 min, test_cuda 1-2 min,
-# benchmark < 1 min, each sanitizer run < 1 min. compute-sanitizer instruments segclip's kernels
+# at least 5 s is skipped ("not run"). Expected on an H200 (not yet measured): build < 1 min,
+# test_cuda 1-2 min plus < 1 min for 2b, benchmark < 1 min, each sanitizer run < 1 min. compute-sanitizer instruments segclip's kernels
 # only (--kernel-regex kns=segclip): torch's own kernels run at full speed and their hazards are
 # not reported. The last table: per model, dtype and mode, segclip's and torch foreach's times, the
 # ratio, segclip's GB/s and the norms' relative error against float64 (from gpu_bench.json).
@@ -35,6 +36,8 @@ T0=$(date +%s)
 
 BUDGET_S="${GPU_CHECK_BUDGET_S:-420}"
 BENCH_RESERVE_S=100  # kept for the benchmark (and memcheck) by the build and test_cuda
+NEW_TESTS_RESERVE_S=60  # kept for step 2b (group partials, adaptive clip) by the build and step 2
+NEW_TESTS_K="group or adaptive"  # pytest -k of step 2b: the tests of those two ops' CUDA kernels
 
 log() { echo "[gpu_check $(($(date +%s) - T0))s] $*"; }
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
@@ -103,7 +106,7 @@ log "building (SEGCLIP_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0)"
 mkdir -p segclip  # build_ext --inplace copies the libraries there (missing before the Python package lands)
 B0=$(date +%s)
 SEGCLIP_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-  run_capped "$(cap 240 $((BENCH_RESERVE_S + 60)))" "$PY" setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1
+  run_capped "$(cap 240 $((BENCH_RESERVE_S + NEW_TESTS_RESERVE_S + 60)))" "$PY" setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1
 BUILD_RC=$?
 BUILD_S=$(($(date +%s) - B0))
 grep -E "^  [A-Za-z_ ]+ += " "$OUT_DIR/build.log" || true
@@ -115,12 +118,26 @@ summary_of() {  # the last pytest summary line of a log, e.g. "40 passed, 2 skip
   grep -E "^=*.*( passed| failed| error| skipped| no tests ran).*=*$" "$1" 2>/dev/null | tail -1 | sed 's/=//g; s/^ *//; s/ *$//'
 }
 TEST_RC=125
+NEW_RC=125
+TEST_SUMMARY=""
+NEW_SUMMARY=""
 HAVE_PYTEST=0; "$PY" -c "import pytest" 2>/dev/null && HAVE_PYTEST=1
 if [ "$BUILD_RC" -eq 0 ] && [ "$HAVE_PYTEST" -eq 1 ]; then
-  log "tests/test_cuda.py"
-  run_capped "$(cap 240 $BENCH_RESERVE_S)" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 \
-    | tee "$OUT_DIR/test_cuda.log" | tail -25
+  log "tests/test_cuda.py (all but: $NEW_TESTS_K)"
+  run_capped "$(cap 200 $((BENCH_RESERVE_S + NEW_TESTS_RESERVE_S)))" "$PY" -m pytest -q -rs -p no:cacheprovider \
+    tests/test_cuda.py -k "not ($NEW_TESTS_K)" 2>&1 | tee "$OUT_DIR/test_cuda.log" | tail -25
   TEST_RC=${PIPESTATUS[0]}
+  TEST_SUMMARY="$(summary_of "$OUT_DIR/test_cuda.log")"
+  # 2b: the group partials and adaptive clip kernels, appended to the same log (8 files at most)
+  log "tests/test_cuda.py -k '$NEW_TESTS_K'"
+  NEW_LOG="$(mktemp)"
+  run_capped "$(cap 90 $BENCH_RESERVE_S)" "$PY" -m pytest -q -rs -p no:cacheprovider \
+    tests/test_cuda.py -k "$NEW_TESTS_K" > "$NEW_LOG" 2>&1
+  NEW_RC=$?
+  NEW_SUMMARY="$(summary_of "$NEW_LOG")"
+  tail -15 "$NEW_LOG"
+  { echo; echo "===== step 2b: pytest tests/test_cuda.py -k '$NEW_TESTS_K' (rc $NEW_RC)"; cat "$NEW_LOG"; } >> "$OUT_DIR/test_cuda.log"
+  rm -f "$NEW_LOG"
 else
   log "tests skipped (build failed or pytest missing)"
 fi
@@ -173,15 +190,15 @@ sanitize racecheck 90
 sanitize synccheck 90
 
 TOTAL_S=$(($(date +%s) - T0))
-TEST_SUMMARY="$(summary_of "$OUT_DIR/test_cuda.log")"
 OTHER_SUMMARY="$(summary_of "$OUT_DIR/test_others.log")"
 "$PY" - "$OUT_DIR" "$BUILD_RC" "$BUILD_S" "$TEST_RC" "$TEST_SUMMARY" "$OTHER_RC" "$OTHER_SUMMARY" "$BENCH_RC" \
-  "${SAN_RC[memcheck]}" "${SAN_RC[racecheck]}" "${SAN_RC[synccheck]}" "$TOTAL_S" <<'EOF'
+  "${SAN_RC[memcheck]}" "${SAN_RC[racecheck]}" "${SAN_RC[synccheck]}" "$TOTAL_S" "$NEW_RC" "$NEW_SUMMARY" <<'EOF'
 import json, sys
 (out, build_rc, build_s, test_rc, test_sum, other_rc, other_sum, bench_rc, memcheck, racecheck, synccheck,
- total_s) = sys.argv[1:]
+ total_s, new_rc, new_sum) = sys.argv[1:]
 result = {"build": {"rc": int(build_rc), "seconds": int(build_s)},
           "test_cuda": {"rc": int(test_rc), "summary": test_sum},
+          "test_cuda_group_adaptive": {"rc": int(new_rc), "summary": new_sum},
           "other_tests": {"rc": int(other_rc), "summary": other_sum},
           "bench": {"rc": int(bench_rc), "json": "gpu_bench.json"},
           "sanitizer": {"memcheck": int(memcheck), "racecheck": int(racecheck), "synccheck": int(synccheck),
@@ -197,6 +214,7 @@ echo
 echo "================ segclip gpu_check (${TOTAL_S}s, results in $OUT_DIR) ================"
 printf "%-20s %-16s %s\n" "build (sm_90)" "$(status "$BUILD_RC")" "${BUILD_S}s"
 printf "%-20s %-16s %s\n" "test_cuda.py" "$(status "$TEST_RC")" "$TEST_SUMMARY"
+printf "%-20s %-16s %s\n" "  group/adaptive" "$(status "$NEW_RC")" "$NEW_SUMMARY"
 printf "%-20s %-16s %s\n" "bench (cuda)" "$(status "$BENCH_RC")" ""
 for tool in memcheck racecheck synccheck; do
   printf "%-20s %-16s %s\n" "sanitizer $tool" "$(status "${SAN_RC[$tool]}")" ""
@@ -234,5 +252,5 @@ if len(rows) == 1:
     print("(no CUDA records in gpu_bench.json)")
 EOF
 fi
-[ "$BUILD_RC" -eq 0 ] && [ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] \
+[ "$BUILD_RC" -eq 0 ] && [ "$TEST_RC" -eq 0 ] && [ "$NEW_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] \
   && [ "${SAN_RC[memcheck]}" -eq 0 -o "${SAN_RC[memcheck]}" -eq 125 ]

@@ -8,7 +8,9 @@ empties first/middle/last, a 0-dim tensor, a transposed and a channels_last tens
 gaps (packed copy) and more tensors than one launch's table (several launches, the last-block
 reduction across them); the norm of an all-empty list; the coefficient; the fused scale with
 coef < 1 and coef >= 1 (nothing written); the strided scale; the out-of-place scale of a view that
-may overlap itself. Each result is checked against float64 on the CPU, so a race that changes a
+may overlap itself; the per-group partials over the same list (several launches, group runs); the
+adaptive clip's three unit kinds (warp rows, block rows, split rows), packed non-contiguous gradients,
+a gradient listed twice. Each result is checked against float64 on the CPU, so a race that changes a
 value fails here as well as in the sanitizer's report.
 
     python3 benchmarks/gpu_sanitize.py             # exit 0: every check passed
@@ -118,6 +120,50 @@ def main() -> int:
     ops.multi_tensor_scale_([b[:50_000], b[20_000:]], torch.tensor(0.5, device=device))
     check(torch.equal(b[20_000:50_000], old[20_000:50_000] * 0.25) and torch.equal(b[:20_000], old[:20_000] * 0.5)
           and torch.equal(b[50_000:], old[50_000:] * 0.5), "overlapping entries scaled once per entry")
+
+    # Per-group partials: the norm's list, groups interleaved (more runs than the 4 KiB layout's table).
+    ts = tensors(device)
+    groups = [(i * 7) % 5 for i in range(len(ts))]
+    for norm_type in (2.0, 1.0, math.inf):
+        out = ops.multi_tensor_group_partials(ts, groups, 6, norm_type).cpu().tolist()
+        ok = True
+        for k in range(6):
+            members = [t for t, g in zip(ts, groups) if g == k]
+            want = ref_norm(members, norm_type)
+            want = want if math.isinf(norm_type) else want ** norm_type
+            ok &= close(out[k], want, 2e-3)
+        want = ref_norm(ts, norm_type)
+        ok &= close(out[-1], want if math.isinf(norm_type) else want ** norm_type, 2e-3)
+        check(ok, f"group partials {norm_type} over {len(ts)} tensors in 6 groups")
+
+    # Adaptive clip: every kind of unit, packed gradients, one gradient listed twice.
+    shapes = [(300, 64, 1, 1), (96, 1, 3, 3), (64,), (), (0,), (5, 1500), (3, 70_000), (140_001,), (40, 33)]
+    ws = [torch.randn(s, device=device) for s in shapes]
+    gs = [torch.randn(s, device=device) * (0.001 if i % 2 else 1.0) for i, s in enumerate(shapes)]
+    wt, gt = torch.randn(70, 9, device=device), torch.randn(70, 9, device=device)
+    ws.append(wt.t())
+    gs.append(gt.t())  # not contiguous: a packed copy, written back
+    want = []
+    for w, g in zip(ws, gs):
+        w64, g64 = w.cpu().double(), g.cpu().double()
+        rows = 1 if g64.ndim <= 1 else g64.shape[0]
+        if g64.numel() == 0:
+            want.append(g64)
+            continue
+        wn = w64.reshape(rows, -1).norm(dim=1).clamp(min=1e-3) * 0.01
+        gn = g64.reshape(rows, -1).norm(dim=1)
+        scale = torch.where(gn < wn, torch.ones_like(gn), wn / gn.clamp(min=1e-6))
+        want.append((g64.reshape(rows, -1) * scale[:, None]).reshape(g64.shape))
+    ops.multi_tensor_adaptive_clip_(ws, gs, 0.01, 1e-3, 2.0)
+    bad = [i for i, (g, w) in enumerate(zip(gs, want))
+           if not bool(((g.cpu().double() - w).abs() <= 2e-6 * w.abs() + 1e-30).all())]
+    check(not bad, f"adaptive clip of {len(gs)} pairs" + (f": wrong in grads {bad}" if bad else ""))
+    g = torch.randn(6, 200, device=device)
+    g_cpu = g.cpu()
+    w1, w2 = torch.randn(6, 200, device=device), torch.randn(6, 200, device=device) * 0.1
+    ops.multi_tensor_adaptive_clip_([w1, w2], [g, g], 0.01, 1e-3, 2.0)
+    ops.multi_tensor_adaptive_clip_([w1.cpu(), w2.cpu()], [g_cpu, g_cpu], 0.01, 1e-3, 2.0)
+    check(bool(((g.cpu() - g_cpu).abs() <= 4e-6 * g_cpu.abs()).all()), "adaptive clip: a gradient listed twice")
 
     if device == "cuda":
         torch.cuda.synchronize()
