@@ -15,7 +15,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import clip, reference
+from . import clip, distributed, reference
 from .clip import _TensorOrTensors
 from .value import _kernel_for
 
@@ -126,6 +126,15 @@ def _grads(parameters: _TensorOrTensors) -> list[Tensor]:
     return clip._grads_of(clip._as_list(parameters))
 
 
+def _local(grads: list[Tensor], norm: Tensor) -> tuple[list[Tensor], Tensor]:
+    """DTensor gradients (FSDP2, tensor parallel): ``total_norm`` returned the global norm as a DTensor
+    replicated on their mesh, the same on every rank. The statistics take its local value (so every
+    rank keeps the same history and bound) and the coefficient scales each rank's local shards."""
+    if distributed.is_dtensor(norm):
+        return [g.to_local() for g in grads], norm.to_local()
+    return grads, norm
+
+
 def _clip_to(grads: list[Tensor], norm: Tensor, coef: Tensor, backend: str) -> None:
     """Scales ``grads`` by the device tensor ``coef`` (the fused scale: nothing written when >= 1)."""
     clip._scale(clip._plan(grads, backend), coef.to(norm.dtype))
@@ -181,15 +190,16 @@ class AutoClip:
             return torch.tensor(0.0)
         with torch.no_grad():
             norm = clip.total_norm(grads, backend=self.backend)
-            n64 = norm.double()
-            slot = self._slot(norm.device)
+            grads, local = _local(grads, norm)
+            n64 = local.double()
+            slot = self._slot(local.device)
             self._norms[slot] = torch.where(torch.isfinite(n64), n64, math.nan)
             self._seen += 1
             window = self._norms if self.history is not None else self._norms[: self._seen]
-            bound = torch.nanquantile(window, self.percentile / 100.0).to(norm.dtype)
-            coef = torch.clamp(bound / (norm + 1e-6), max=1.0)
+            bound = torch.nanquantile(window, self.percentile / 100.0).to(local.dtype)
+            coef = torch.clamp(bound / (local + 1e-6), max=1.0)
             coef = torch.where(torch.isnan(bound), torch.ones_like(coef), coef)  # no finite norm yet
-            _clip_to(grads, norm, coef, self.backend)
+            _clip_to(grads, local, coef, self.backend)
         return norm
 
     def state_dict(self) -> dict:
@@ -284,8 +294,9 @@ class ZClip:
             return torch.tensor(0.0)
         with torch.no_grad():
             norm = clip.total_norm(grads, backend=self.backend)
-            n = norm.double()
-            self._to(norm.device)
+            grads, local = _local(grads, norm)
+            n = local.double()
+            self._to(local.device)
             if self._steps < self.warmup_steps:
                 self._warmup[self._steps] = torch.where(torch.isnan(n), math.nan, n)
                 self._steps += 1
@@ -304,7 +315,7 @@ class ZClip:
                 limit = clipped if self.max_grad_norm is None else torch.clamp(clipped, max=self.max_grad_norm)
             if limit is not None:
                 coef = torch.where(n > limit, limit / (n + 1e-6), torch.ones_like(n))
-                _clip_to(grads, norm, coef, self.backend)
+                _clip_to(grads, local, coef, self.backend)
         return norm
 
     def state_dict(self) -> dict:

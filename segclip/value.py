@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import clip, reference
+from . import clip, distributed, reference
 from .clip import _TensorOrTensors
 
 _OP = "multi_tensor_clip_value_"
@@ -78,6 +78,9 @@ def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float, foreach: b
         grads = clip._grads_of(params)
         if not grads:
             return
+        # DTensor gradients (FSDP2, tensor parallel): the clamp is elementwise, so each rank clamps its
+        # local shards (a replicated DTensor holds the same values everywhere and is clamped alike).
+        grads = [g.to_local() if distributed.is_dtensor(g) else g for g in grads]
         for device, kernel, other, use_kernel in clip._plan(grads, backend):
             if not _kernel_for(_OP, device, backend):
                 kernel, other = [], kernel + other

@@ -230,13 +230,69 @@ def _group_checks(rank: int, out: dict) -> None:
         out["pg_norm0"] = str(exc)
 
 
+def _clipper_checks(rank: int, out: dict) -> None:
+    """clip_grad_value_, AutoClip and ZClip on FSDP2 (DTensor) gradients: the same clipped gradients
+    as the same calls on the full gradients in one process (the trainer's --fsdp --clip-mode value /
+    auto / zscore)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = _model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model:
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    torch.manual_seed(1 + rank)
+    model(torch.randn(4, 3, 6, 6)).square().sum().backward()
+    params = list(model.parameters())
+    saved = [p.grad.to_local().clone() for p in params]
+    full = [p.grad.full_tensor() for p in params]  # every rank: the whole gradient
+    # Per call, the gradients times a factor (a spike at the 4th), so the clippers' histories matter,
+    # and each parameter's by its own weight, so the ranks' shares of the norm change from call to call.
+    factors = (1.0, 0.5, 2.0, 40.0, 1.0)
+
+    def weight(i: int, k: int) -> float:
+        return factors[k] * (0.2 + (i + k) % 3)
+
+    def run(make, sharded: bool):
+        clipper, norms, grads = make(), [], []
+        for k, f in enumerate(factors):
+            if sharded:
+                for i, (p, s) in enumerate(zip(params, saved)):
+                    p.grad.to_local().copy_(s * weight(i, k))
+                n = clipper(params) if clipper is not None else segclip.clip_grad_value_(params, 0.3 * f)
+                grads.append([p.grad.full_tensor() for p in params])
+            else:
+                plain = [torch.nn.Parameter(torch.zeros_like(g)) for g in full]
+                for i, (q, g) in enumerate(zip(plain, full)):
+                    q.grad = g * weight(i, k)
+                n = clipper(plain) if clipper is not None else torch.nn.utils.clip_grad_value_(plain, 0.3 * f)
+                grads.append([q.grad for q in plain])
+            if n is not None:
+                norms.append(float(n.full_tensor() if hasattr(n, "full_tensor") else n))
+        return norms, grads
+
+    for name, make in (("value", lambda: None), ("auto", lambda: segclip.AutoClip(50.0)),
+                       ("zclip", lambda: segclip.ZClip(z_thresh=1.0, warmup_steps=2))):
+        got_norms, got = run(make, True)
+        want_norms, want = run(make, False)
+        rel = max(_rel(a, b) for a, b in zip(got_norms, want_norms)) if want_norms else 0.0
+        diff = max(float((a - b).abs().max()) for ga, gb in zip(got, want) for a, b in zip(ga, gb))
+        scale = max(float(b.abs().max()) for gb in want for b in gb)
+        # the planted error: the reference's last call without clipping differs
+        unclipped = max(float((b - g * weight(i, 3)).abs().max()) for i, (b, g) in enumerate(zip(want[3], full)))
+        out[f"clipper_{name}"] = {"norm_rel": rel, "grad_rel": diff / scale, "spike_clipped": unclipped / scale}
+
+
 def _worker(rank: int, port: int, folder: str) -> None:
     out: dict = {}
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         torch.set_num_threads(1)
-        for checks in (_group_checks, _fsdp_checks, _tp_checks):
+        for checks in (_group_checks, _fsdp_checks, _tp_checks, _clipper_checks):
             checks(rank, out)
         dist.barrier()
     except BaseException:
@@ -328,3 +384,14 @@ def test_plain_tensors_need_no_group():
     grads = _grads(3)
     want = torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in grads]))
     assert _rel(segclip.total_norm(grads), want) <= 1e-6
+
+
+def test_value_autoclip_and_zclip_on_fsdp2_gradients_match_one_process(ranks):
+    # clip_grad_value_ clamps each rank's shards; AutoClip and ZClip take the global norm (the same on
+    # every rank, so every rank keeps the same history) and scale the shards by one coefficient.
+    for res in ranks:
+        for name in ("value", "auto", "zclip"):
+            r = res[f"clipper_{name}"]
+            assert r["norm_rel"] <= 1e-6 and r["grad_rel"] <= 1e-6, (name, r)
+        assert res["clipper_auto"]["spike_clipped"] > 1e-2  # the 4th call's spike was clipped:
+        assert res["clipper_zclip"]["spike_clipped"] > 1e-2  # the comparison can fail
