@@ -142,7 +142,10 @@ def _register_train(sub) -> None:
         "train", help="train a torchvision segmentation model with fused gradient clipping",
         description="Train a torchvision segmentation model on PASCAL VOC or the synthetic VOC-format "
                     "dataset, clipping gradients with segclip.fused_clip_. Multi-process: "
-                    "torchrun --standalone --nproc-per-node N -m segclip train ...",
+                    "torchrun --standalone --nproc-per-node N -m segclip train [--fsdp] ...; several "
+                    "machines: torchrun --nnodes M --nproc-per-node N --rdzv-backend=c10d "
+                    "--rdzv-endpoint=HOST:PORT --rdzv-id=ID -m segclip train [--fsdp] ... on each "
+                    "(README, 'Training on several machines')",
         formatter_class=FORMATTER))
     # NOTE: every option is declared here with its check (options.py): the checks run before any
     # work, and again on a resume's merged arguments. On --resume, each option not typed on the
@@ -192,7 +195,7 @@ def _register_train(sub) -> None:
     g.add_argument("--poly-power", type=float, default=0.9, check=non_negative_finite(),
                    help="poly decay: lr * (1 - progress) ** power")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU")
+                   help="mixed precision: fp16 + GradScaler on CUDA (ShardedGradScaler under --fsdp), bf16 autocast on CPU")
     g = p.add_argument_group("speed")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="model and input batches in channels_last memory format (faster convolutions "
@@ -232,6 +235,11 @@ def _register_train(sub) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, default=None, check=at_least(1),
                    help="torch intra-op threads (None: torch's default)")
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
+                   help="shard the model with FSDP2 (torch.distributed.fsdp.fully_shard: one unit per "
+                        "backbone block and head, then the root) instead of DDP; under torchrun, or on "
+                        "one process as a mesh of one. Checkpoints hold the full state dicts "
+                        "(docs/training.md, 'Sharded training')")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
                    help="SyncBatchNorm across DDP processes")
     g.add_argument("--sync-timing", action=argparse.BooleanOptionalAction, default=False,

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 import segclip
+from segclip.distributed import is_dtensor
 
 from . import distributed as dist_utils
 from .models import segmentation_loss
@@ -249,6 +250,10 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             summary.clip_path = cfg.clip
             scaler.unscale_(optimizer)  # clipping sees unscaled gradients (no-op without fp16)
             norm, group_norms = clip_gradients(params, cfg, groups)
+        if is_dtensor(norm):  # --fsdp: replicated on the mesh; its local value is the global norm
+            norm = norm.to_local()
+        if is_dtensor(group_norms):
+            group_norms = group_norms.to_local()
         sync()
         now = time.perf_counter(); times["clip"] = now - mark; mark = now
 

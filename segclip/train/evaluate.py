@@ -23,22 +23,31 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.dev
     """Pixel accuracy, IoU and mIoU (see :mod:`segclip.train.metrics`) over ``loader``.
 
     Each rank evaluates its shard; the confusion matrices are summed across ranks before the metrics
-    are computed, so every rank returns the metrics of the whole split.
+    are computed, so every rank returns the metrics of the whole split. Under ``--fsdp`` a forward is
+    a collective, so a rank whose shard has fewer batches runs dummy forwards (outputs dropped) until
+    it has made as many as the busiest rank (segclip.train.fsdp.forward_count / pad_forwards).
     """
+    from .fsdp import forward_count, pad_forwards
+
     broadcast_buffers(model)
     net = unwrap(model)
     was_training = net.training
     net.eval()
     cm = ConfusionMatrix(num_classes, device)
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    forwards = forward_count(net, len(loader), device)
+    done, example = 0, None
     for images, masks in loader:
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
             logits = net(images)["out"]
+        done, example = done + 1, images
         cm.update(masks, logits.argmax(1))
         if progress is not None:
             progress.update(1)
+    with torch.autocast(device.type, dtype=dtype, enabled=amp):
+        pad_forwards(net, forwards - done, example, device, size=64)  # 64: any side the models take
     cm.all_reduce()
     net.train(was_training)
     return compute_metrics(cm.mat, names)

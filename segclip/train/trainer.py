@@ -25,6 +25,7 @@ import segclip
 
 from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
+from . import fsdp as fsdp_utils
 from .data import DataError, absolute_path, open_split, eval_loader, resolve_data, train_loader
 from .engine import EpochSummary, NonFiniteStop, StepConfig, TrainState, train_one_epoch
 from .interrupt import StopSignal, exit_status
@@ -117,6 +118,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--model {args.model} needs --batch-size 2 or more (images per process): the "
                          f"image-pooling branch of its ASPP head applies BatchNorm to a 1x1 map, and "
                          f"BatchNorm in training needs more than one value per channel")
+    fsdp_utils.check_options(args)
 
 
 def check_run_folder(args: argparse.Namespace) -> list[str]:
@@ -160,10 +162,20 @@ def make_clipper(args):
     return None
 
 
-def make_checkpoint(model, optimizer, scheduler, scaler, epoch: int, state: TrainState, best_miou,
+def state_dicts(model, optimizer) -> tuple[dict, dict]:
+    """The model's and the optimizer's state dicts as a checkpoint holds them: full (unsharded, on
+    the CPU, optimizer state keyed by parameter index) under --fsdp, where gathering them is a
+    collective that every rank must call (rank 0 gets them, the others empty dicts)."""
+    if fsdp_utils.is_sharded(model):
+        return fsdp_utils.full_state_dicts(dist_utils.unwrap(model), optimizer)
+    return dist_utils.unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def make_checkpoint(states: tuple[dict, dict], scheduler, scaler, epoch: int, state: TrainState, best_miou,
                     metrics_summary: dict | None, args, rng_states: list, world: int,
                     stopped: str | None = None, position: dict | None = None) -> dict:
     """Everything a resume needs; only tensors and plain values (loads with weights_only=True).
+    ``states``: what :func:`state_dicts` returned (the model's and the optimizer's).
     ``stopped``: why the run stopped mid-epoch (such a file is for inspection, not for resuming).
     ``position``: for a run interrupted in the middle of epoch ``epoch + 1`` (see
     segclip.train.interrupt), ``{"epoch": 0-based epoch, "iter": steps done in it, "batch_size",
@@ -174,8 +186,8 @@ def make_checkpoint(model, optimizer, scheduler, scaler, epoch: int, state: Trai
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
         "model_name": args.model, "num_classes": args.num_classes,
         "crop_size": args.crop_size_resolved, "eval_size": args.eval_size_resolved,
-        "model": dist_utils.unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": states[0],
+        "optimizer": states[1],
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "epoch": epoch,                      # the last completed epoch
@@ -237,7 +249,11 @@ def _interrupted(exc: BaseException, stop: StopSignal, summary, epoch: int, stat
     last = run_dir / "last.pt"
     if summary is not None and not stop.in_step:
         stop.signum = signum
-        save_position(epoch, summary)
+        stop.deferring = True  # the SIGTERM that torchrun or a scheduler sends next waits for the save
+        try:
+            save_position(epoch, summary)
+        finally:
+            stop.deferring = False
         note = " (saved at this step)"
     elif last.exists():
         note = " (inside a step: the steps since the last save are lost)"
@@ -296,6 +312,10 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
             raise ValueError(f"--optimizer {args.optimizer}: {args.resume} was trained with {saved_opt}, "
                              f"whose state cannot continue as {args.optimizer}; resume with --optimizer "
                              f"{saved_opt}, or start a new run from its weights with --weights {args.resume}")
+    if args.fsdp and not dist_utils.is_distributed():
+        fsdp_utils.ensure_process_group(device)  # run() destroys it at the end
+        log("note: --fsdp on one process (not launched by torchrun): FSDP on a mesh of one, nothing is "
+            "sharded; launch with torchrun --nproc-per-node N to shard over N processes")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.deterministic:
@@ -330,7 +350,11 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
         else:
             log(f"note: --sync-bn ignored: torch's SyncBatchNorm runs only on CUDA, this run is on {device.type}")
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-    if info.enabled:
+    if args.fsdp:
+        units = fsdp_utils.shard_model(model, device)
+        log(f"fsdp: {len(units)} FSDP units ({', '.join(units[:3])}, ..., {units[-1]}) on a mesh of "
+            f"{info.world} process{'es' if info.world > 1 else ''}")
+    elif info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
@@ -342,13 +366,24 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     # Same initial weights on every rank (DDP also broadcasts rank 0's); from here on each rank
     # draws its own random numbers (dropout).
     seed_everything(args.seed + info.rank)
+    fused = args.fused_optimizer
+    if fused and args.fsdp and args.optimizer == "sgd":
+        fused = False  # aten._fused_sgd_ has no DTensor (sharding) implementation in torch 2.14
+        log("note: --fsdp: torch's fused SGD does not take sharded (DTensor) parameters; using foreach")
     optimizer, opt_impl = build_optimizer(dist_utils.unwrap(model), args.optimizer, args.lr, args.momentum,
-                                          args.weight_decay, device, fused=args.fused_optimizer, log=log)
+                                          args.weight_decay, device, fused=fused, log=log)
     iters_per_epoch = len(loader)
     warmup = args.warmup_iters if args.warmup_iters is not None else int(args.warmup_epochs * iters_per_epoch)
     scheduler = build_scheduler(optimizer, args.epochs * iters_per_epoch, warmup, args.poly_power)
     amp = bool(args.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    if args.fsdp and amp and device.type == "cuda":
+        # fp16 on CUDA: each rank unscales only its shards, so torch's GradScaler would find inf on
+        # some ranks only (they would then skip different steps and their loss scales drift apart);
+        # ShardedGradScaler all-reduces found_inf in unscale_, which every clip path calls.
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        scaler = ShardedGradScaler(device.type)
+    else:
+        scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     cfg = StepConfig(device=device, clip=args.clip, max_norm=args.max_norm, norm_type=args.norm_type,
                      amp=amp, sync_timing=args.sync_timing, max_nonfinite=args.max_nonfinite,
                      channels_last=args.channels_last,
@@ -369,8 +404,11 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
             f"resume); starting afresh there, replacing its {', '.join(replace_logs)}")
 
     if resume is not None:
-        dist_utils.unwrap(model).load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        if fsdp_utils.is_sharded(model):  # the full state dicts, sharded onto every rank
+            fsdp_utils.load_state_dicts(dist_utils.unwrap(model), optimizer, resume["model"], resume["optimizer"])
+        else:
+            dist_utils.unwrap(model).load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
         note = apply_hyperparameters(optimizer, args)
         if note:
             log(note)
@@ -409,7 +447,10 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
         "threads": torch.get_num_threads(),
         "segclip_backends": {k: str(v) for k, v in __import__("segclip").backends().items()},
     })
-    log(f"{args.model} on {device}{f' x{info.world} (DDP)' if info.enabled else ''}: "
+    mode = " (FSDP)" if args.fsdp else ""
+    if info.enabled:
+        mode = f" x{info.world} ({'FSDP' if args.fsdp else 'DDP'})"
+    log(f"{args.model} on {device}{mode}: "
         f"{len(train_set)} train / {len(val_set)} val images from {loc.voc_dir}, crop {crop}, "
         f"{iters_per_epoch} steps/epoch, {args.optimizer} ({opt_impl}), clip={args.clip} mode={args.clip_mode}"
         f"{f' max_norm={args.max_norm:g}' if args.clip != 'none' else ''} norm_type={args.norm_type:g}, "
@@ -435,12 +476,14 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     def save_position(epoch: int, summary) -> Path:
         """last.pt at the current step of ``epoch`` (0-based; ``summary``: its partial record)."""
         rngs = dist_utils.gather_objects(ckpt_io.rng_state())
+        states = state_dicts(model, optimizer)  # every rank: a collective under --fsdp
         path = run_dir / "last.pt"
         if info.is_main:
             ckpt_io.atomic_save(make_checkpoint(
-                model, optimizer, scheduler, scaler, epoch - 1, state, best_miou, None, args, rngs,
+                states, scheduler, scaler, epoch - 1, state, best_miou, None, args, rngs,
                 info.world, position={"epoch": epoch, "iter": summary.steps, "batch_size": args.batch_size,
                                       "world_size": info.world, "summary": summary.state()}), path)
+        dist_utils.barrier()  # no rank exits (and has torchrun end the others) before the file is written
         return path
 
     metrics = None
@@ -469,8 +512,9 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
         record["best_mean_iou"] = new_best
         record["skipped_total"] = state.skipped_total
         rngs = dist_utils.gather_objects(ckpt_io.rng_state())
+        states = state_dicts(model, optimizer)  # every rank: a collective under --fsdp
         if info.is_main:
-            ck = make_checkpoint(model, optimizer, scheduler, scaler, epoch, state, new_best,
+            ck = make_checkpoint(states, scheduler, scaler, epoch, state, new_best,
                                  _metric_summary(new_metrics) if new_metrics else None, args, rngs, info.world)
             ckpt_io.atomic_save(ck, run_dir / "last.pt")
             if improved:
@@ -505,7 +549,7 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
                     if bar is not None:
                         bar.close()
                     return _nonfinite_stop(exc, run_dir, make_checkpoint(
-                        model, optimizer, scheduler, scaler, epoch - 1, state, best_miou, None, args,
+                        state_dicts(model, optimizer), scheduler, scaler, epoch - 1, state, best_miou, None, args,
                         dist_utils.gather_objects(ckpt_io.rng_state()), info.world,
                         stopped="non-finite loss or gradient norm"), info.is_main, runlog)
                 finally:
