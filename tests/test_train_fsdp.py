@@ -131,6 +131,11 @@ def test_readme_launch_under_fsdp_agrees_with_ddp_and_torch_norm(runs):
     # clip_optimizer_ cannot fold DTensor gradients: it takes its plain path, and the record says so.
     assert {s["clip_path"] for s in a} == {"plain"} and {s["clip_path"] for s in b} == {"torch"}
     assert all(s["clipped"] for s in a)  # max_norm 1: every step clips, so the coefficient matters
+    # The per-group norms (backbone, classifier) of the sharded gradients make up the global norm.
+    for x in a:
+        groups = x["group_norms"]
+        assert set(groups) == {"backbone", "classifier"}
+        assert abs(sum(v * v for v in groups.values()) ** 0.5 - x["grad_norm"]) <= 1e-5 * x["grad_norm"], x
 
     def rel(x, y):
         return abs(x - y) / abs(y)
