@@ -286,13 +286,48 @@ def _clipper_checks(rank: int, out: dict) -> None:
         out[f"clipper_{name}"] = {"norm_rel": rel, "grad_rel": diff / scale, "spike_clipped": unclipped / scale}
 
 
+def _scaler_checks(rank: int, out: dict) -> None:
+    """The trainer's --fsdp --amp scaler (torch.amp.GradScaler; fp16 on CUDA) with an inf in one rank's
+    shard only, through --clip fused (clip_optimizer_'s plain path: DTensor gradients) and --clip
+    torch (unscale_, then clip_grad_norm_): every rank must skip the step and back off alike. torch
+    2.14 reduces found_inf over the DTensor mesh inside unscale_. Run on the CPU (GradScaler("cpu"),
+    float32 gradients)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    for recipe in ("fused", "torch"):
+        torch.manual_seed(0)
+        model = _model()
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        before = [p.to_local().clone() for p in model.parameters()]
+        torch.manual_seed(1 + rank)
+        scaler.scale(model(torch.randn(4, 3, 6, 6)).square().sum()).backward()
+        if rank == 1:  # an overflow in rank 1's shard of the first weight only
+            next(model.parameters()).grad.to_local().view(-1)[0] = math.inf
+        local_inf = any(bool(torch.isinf(p.grad.to_local()).any()) for p in model.parameters())
+        if recipe == "fused":
+            segclip.clip_optimizer_(opt, 1.0, scaler=scaler)
+        else:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        out[f"scaler_{recipe}"] = {
+            "local_inf": local_inf,
+            "stepped": any(not torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters())),
+            "scale": float(scaler.get_scale()),
+        }
+
+
 def _worker(rank: int, port: int, folder: str) -> None:
     out: dict = {}
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         torch.set_num_threads(1)
-        for checks in (_group_checks, _fsdp_checks, _tp_checks, _clipper_checks):
+        for checks in (_group_checks, _fsdp_checks, _tp_checks, _clipper_checks, _scaler_checks):
             checks(rank, out)
         dist.barrier()
     except BaseException:
@@ -395,3 +430,11 @@ def test_value_autoclip_and_zclip_on_fsdp2_gradients_match_one_process(ranks):
             assert r["norm_rel"] <= 1e-6 and r["grad_rel"] <= 1e-6, (name, r)
         assert res["clipper_auto"]["spike_clipped"] > 1e-2  # the 4th call's spike was clipped:
         assert res["clipper_zclip"]["spike_clipped"] > 1e-2  # the comparison can fail
+
+
+def test_grad_scaler_agrees_across_ranks_on_an_inf_in_one_rank_s_shards(ranks):
+    for recipe in ("fused", "torch"):
+        got = [res[f"scaler_{recipe}"] for res in ranks]
+        assert [r["local_inf"] for r in got] == [False, True]  # the ranks' own shards disagree ...
+        assert [r["stepped"] for r in got] == [False, False], got  # ... their decisions do not:
+        assert [r["scale"] for r in got] == [512.0, 512.0], got  # both skipped and backed off

@@ -195,7 +195,7 @@ def _register_train(sub) -> None:
     g.add_argument("--poly-power", type=float, default=0.9, check=non_negative_finite(),
                    help="poly decay: lr * (1 - progress) ** power")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="mixed precision: fp16 + GradScaler on CUDA (ShardedGradScaler under --fsdp), bf16 autocast on CPU")
+                   help="mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU")
     g = p.add_argument_group("speed")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="model and input batches in channels_last memory format (faster convolutions "

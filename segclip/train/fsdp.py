@@ -27,8 +27,9 @@ step, so it takes its plain path and the step records say ``clip_path: plain``; 
 has no DTensor implementation (``aten._fused_sgd_`` has no sharding strategy in torch 2.14), so SGD
 runs as ``foreach`` (AdamW keeps ``fused``); AGC is refused (its per-unit norms of 1-d parameters
 are whole-tensor norms, split across ranks by FSDP's dim-0 sharding); fp16 with a GradScaler
-(``--amp`` on CUDA) uses torch's ``ShardedGradScaler``, which all-reduces ``found_inf`` so that
-every rank skips the same steps and keeps the same loss scale.
+(``--amp`` on CUDA) needs nothing more: torch 2.14's ``GradScaler.unscale_`` reduces ``found_inf``
+over the DTensor gradients' mesh (``found_inf_reduce_handler`` in torch/distributed/tensor/_dispatch.py),
+so every rank skips the same steps and keeps the same loss scale.
 """
 
 from __future__ import annotations

@@ -376,14 +376,10 @@ def _train(args, info: dist_utils.DistInfo, device: torch.device) -> int:
     warmup = args.warmup_iters if args.warmup_iters is not None else int(args.warmup_epochs * iters_per_epoch)
     scheduler = build_scheduler(optimizer, args.epochs * iters_per_epoch, warmup, args.poly_power)
     amp = bool(args.amp)
-    if args.fsdp and amp and device.type == "cuda":
-        # fp16 on CUDA: each rank unscales only its shards, so torch's GradScaler would find inf on
-        # some ranks only (they would then skip different steps and their loss scales drift apart);
-        # ShardedGradScaler all-reduces found_inf in unscale_, which every clip path calls.
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-        scaler = ShardedGradScaler(device.type)
-    else:
-        scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    # Under --fsdp too: each rank unscales its own shards, and torch (2.14) reduces found_inf over the
+    # DTensor gradients' mesh in unscale_ (DTensor's found_inf_reduce_handler), so every rank skips
+    # the same steps and keeps the same loss scale (tests/test_distributed.py checks this).
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     cfg = StepConfig(device=device, clip=args.clip, max_norm=args.max_norm, norm_type=args.norm_type,
                      amp=amp, sync_timing=args.sync_timing, max_nonfinite=args.max_nonfinite,
                      channels_last=args.channels_last,
