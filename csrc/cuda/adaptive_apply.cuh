@@ -55,6 +55,23 @@ SEGCLIP_HOST_DEVICE int64_t segments_per_row(int64_t len) {
   return unit_mode(len) == UnitMode::kSplitRow ? (len + kChunkElems - 1) / kChunkElems : 1;
 }
 
+constexpr double kGradNormFloor = 1e-6;  // timm: grad_norm.clamp(min=1e-6)
+
+// The unit's coefficient from its norms wn, gn (in the op-math type A), as the CPU kernel computes it
+// (clip_rows in cpu/adaptive_cpu.cpp): false when gn < clip_factor * max(wn, eps) (nothing to write),
+// else *coef = that bound / max(gn, 1e-6). NaN in either norm gives a NaN coefficient (NaN compares
+// false, and max keeps its first argument as std::max does), so the unit becomes NaN, as in timm.
+// Host and device: csrc/cuda/test/multi_tensor_apply_test.cpp checks it against the CPU's formula.
+template <typename A>
+SEGCLIP_HOST_DEVICE bool unit_coefficient(A wn, A gn, double clip_factor, double eps, A* coef) {
+  const A e = static_cast<A>(eps);
+  const A bound = (wn < e ? e : wn) * static_cast<A>(clip_factor);
+  if (gn < bound) return false;
+  const A floor = static_cast<A>(kGradNormFloor);
+  *coef = bound / (gn < floor ? floor : gn);
+  return true;
+}
+
 // One (weight, grad) pair as the kernels see it: both contiguous, same dtype, rows x len elements.
 struct PairPiece {
   const void* w;

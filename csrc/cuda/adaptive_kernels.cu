@@ -14,8 +14,6 @@ namespace segclip {
 namespace cuda {
 namespace {
 
-constexpr double kGradNormFloor = 1e-6;  // timm: grad_norm.clamp(min=1e-6)
-
 struct AdaptiveParams {
   double clip_factor;
   double eps;
@@ -26,19 +24,13 @@ struct AdaptiveParams {
 };
 static_assert(sizeof(AdaptiveParams) <= kMaxExtraParamBytes, "see kMaxExtraParamBytes");
 
-// The unit's coefficient from its two partials (sums of |x|^p, or max |x|), as the CPU kernel
-// computes it: false when ||g|| < clip_factor * max(||w||, eps) (nothing to write). A NaN in either
-// norm gives a NaN coefficient (NaN compares false), so the unit becomes NaN, as in timm.
+// The unit's coefficient from its two partials (sums of |x|^p, or max |x|): the norms (the root in
+// double, then rounded to the op-math type, as the CPU kernel), then unit_coefficient.
 template <NormKind K, typename A>
 __device__ __forceinline__ bool unit_coef(double w_part, double g_part, const AdaptiveParams& p, A* coef) {
   const A wn = static_cast<A>(K == NormKind::kL2 ? sqrt(w_part) : w_part);
   const A gn = static_cast<A>(K == NormKind::kL2 ? sqrt(g_part) : g_part);
-  const A e = static_cast<A>(p.eps);
-  const A bound = (wn < e ? e : wn) * static_cast<A>(p.clip_factor);  // NaN stays NaN
-  if (gn < bound) return false;
-  const A floor = static_cast<A>(kGradNormFloor);
-  *coef = bound / (gn < floor ? floor : gn);
-  return true;
+  return unit_coefficient<A>(wn, gn, p.clip_factor, p.eps, coef);
 }
 
 __device__ __forceinline__ void mark_written(const AdaptiveParams& p, const PairListMeta& meta, int entry) {

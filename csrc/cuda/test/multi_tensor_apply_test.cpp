@@ -7,6 +7,7 @@
 //       csrc/cuda/test/multi_tensor_apply_test.cpp       (and again with =4096)
 // Not part of the extension (setup.py only compiles csrc/cuda/*.cpp). Prints "OK <cases> ..." on success.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -453,7 +454,44 @@ void check_split_slots(const std::vector<std::pair<int64_t, int64_t>>& shapes, c
   }
 }
 
+// unit_coefficient (the kernels' per-unit decision) against the CPU kernel's formula (clip_rows in
+// cpu/adaptive_cpu.cpp: std::max, then gn < bound), and the cases written out.
+template <typename A>
+void check_unit_coefficient(const char* name) {
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  const A inf = std::numeric_limits<A>::infinity();
+  const A values[] = {A(0), A(1e-9), A(1e-6), A(1e-5), A(1e-3), A(0.5), A(1), A(3), A(1e5), inf, nan};
+  for (A wn : values) {
+    for (A gn : values) {
+      for (double cf : {0.0, 0.01, 1.0}) {
+        const double eps = 1e-3;
+        A got = A(-7);
+        const bool clip = unit_coefficient<A>(wn, gn, cf, eps, &got);
+        const A bound = std::max(wn, static_cast<A>(eps)) * static_cast<A>(cf);  // the CPU kernel's
+        const bool cpu_clip = !(gn < bound);
+        EXPECT(clip == cpu_clip, "%s: wn %g gn %g cf %g: clip %d, CPU %d", name, double(wn), double(gn), cf, clip,
+               cpu_clip);
+        if (clip && cpu_clip) {
+          const A want = bound / std::max(gn, static_cast<A>(1e-6));
+          EXPECT((std::isnan(got) && std::isnan(want)) || got == want, "%s: wn %g gn %g cf %g: coef %g, CPU %g", name,
+                 double(wn), double(gn), cf, double(got), double(want));
+        }
+      }
+    }
+  }
+  A c = A(0);
+  EXPECT(!unit_coefficient<A>(A(2), A(0.01), 0.01, 1e-3, &c), "%s: below the bound is not clipped", name);
+  EXPECT(unit_coefficient<A>(A(2), A(0.04), 0.01, 1e-3, &c) && std::fabs(double(c) - 0.5) < 1e-6,
+         "%s: twice the bound is halved (%g)", name, double(c));
+  EXPECT(unit_coefficient<A>(A(0), A(1), 0.5, 1e-3, &c) && std::fabs(double(c) - 5e-4) < 1e-9,
+         "%s: a zero weight takes eps (%g)", name, double(c));
+  EXPECT(unit_coefficient<A>(nan, A(1), 0.01, 1e-3, &c) && std::isnan(c), "%s: NaN weight norm: NaN unit", name);
+  EXPECT(unit_coefficient<A>(A(1), nan, 0.01, 1e-3, &c) && std::isnan(c), "%s: NaN grad norm: NaN unit", name);
+}
+
 void check_pair_cases(int* cases) {
+  check_unit_coefficient<float>("unit_coefficient<float>");
+  check_unit_coefficient<double>("unit_coefficient<double>");
   const int64_t C = kChunkElems;
   EXPECT(unit_mode(kWarpRowMaxElems) == UnitMode::kWarpRows && unit_mode(kWarpRowMaxElems + 1) == UnitMode::kBlockRow &&
              unit_mode(C) == UnitMode::kBlockRow && unit_mode(C + 1) == UnitMode::kSplitRow,
