@@ -264,3 +264,24 @@ def test_what_fsdp_cannot_do_is_one_line_before_any_work(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("segclip train: error: --clip-mode agc does not work with --fsdp: "), err
     assert not (tmp_path / "r").exists()  # refused before anything was read or written
+
+
+def test_a_diverging_fsdp_run_writes_a_full_nonfinite_checkpoint(tmp_path, capsys):
+    # In-process, on a mesh of one: the non-finite stop gathers the full state dicts too.
+    from segclip.cli import main
+    from segclip.train.models import build_model
+
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", *TINY, "--fsdp", "--epochs", "1", "--lr", "1e30", "--clip", "none",
+                     "--max-nonfinite", "2", "--warmup-iters", "0", "--no-plot", "--cache-dir",
+                     str(tmp_path / "cache"), "--out", str(out)]) == 3
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.distributed.is_initialized()  # the group of one is gone again
+    err = capsys.readouterr().err
+    assert err.startswith("segclip train: error: 2 consecutive steps had a non-finite") and len(err.strip().splitlines()) == 1
+    ck = torch.load(out / "nonfinite.pt", weights_only=True)
+    build_model("lraspp_mobilenet_v3_large", 21).load_state_dict(ck["model"])  # full tensors, plain names
+    assert ck["train_state"]["consecutive_nonfinite"] == 2 and ck["stopped"]

@@ -229,9 +229,11 @@ def _nonfinite_stop(exc: NonFiniteStop, run_dir: Path, checkpoint: dict, is_main
     """Writes ``nonfinite.pt`` (for inspection) and says, in one message, what to change."""
     path = run_dir / "nonfinite.pt"
     runlog.close()
+    if is_main:
+        ckpt_io.atomic_save(checkpoint, path)
+    dist_utils.barrier()  # no rank exits (and has torchrun end the others) before the file is written
     if not is_main:
         return EXIT_NONFINITE
-    ckpt_io.atomic_save(checkpoint, path)
     last = run_dir / "last.pt"
     kept = (f"{last} holds the last saved state (resume with --resume {last})" if last.exists()
             else "no epoch was completed, so there is no last.pt to resume from")
