@@ -254,6 +254,13 @@ def test_fsdp_on_one_process_is_a_mesh_of_one_and_matches_a_plain_run(tmp_path):
     for x, y in zip(a, b):  # the same gradients (a mesh of one reduces nothing), norms by two kernels' orders
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(y["loss"]), (x, y)
         assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * abs(y["grad_norm"]), (x, y)
+    # --fsdp --clip torch: torch's clip_grad_norm_ on the DTensor gradients; the first step's norm (before
+    # any clipping, from the same weights and batch) is the plain run's.
+    t = segclip(["train", *args[:-2], "--fsdp", "--clip", "torch", "--out", str(tmp_path / "t")], cache, timeout=TIMEOUT)
+    assert t.returncode == 0, t.stderr[-3000:]
+    c = _steps(tmp_path / "t")
+    assert {x["clip_path"] for x in c} == {"torch"}
+    assert abs(c[0]["grad_norm"] - b[0]["grad_norm"]) <= 1e-5 * b[0]["grad_norm"], (c[0], b[0])
 
 
 def test_what_fsdp_cannot_do_is_one_line_before_any_work(tmp_path, capsys):
