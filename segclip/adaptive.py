@@ -96,6 +96,8 @@ def adaptive_clip_(parameters: _TensorOrTensors, clip_factor: float = 0.01, eps:
     weights, grads = _pairs_of(params)
     if not grads:
         return
+    if distributed.any_dtensor(grads):
+        return _adaptive_clip_dtensor(weights, grads, clip_factor, eps, norm_type, backend)
     with torch.no_grad():
         if norm_type in KERNEL_NORM_TYPES and _kernel_for(_OP, grads[0].device, backend):
             try:  # the whole list in one op call; its checks run before any write
@@ -116,6 +118,76 @@ def adaptive_clip_(parameters: _TensorOrTensors, clip_factor: float = 0.01, eps:
             else:
                 ow, og = kw + ow, kg + og
             reference.adaptive_clip_(ow, og, clip_factor, eps, norm_type)
+
+
+def _adaptive_clip_dtensor(weights: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
+                           norm_type: float, backend: str) -> None:
+    """AGC on DTensor parameters (FSDP2: ``Shard(0)``; or replicated). A unit of a parameter with 2 or
+    more dimensions is a slice along dim 0, which ``Shard(0)`` keeps whole on one rank: those go
+    through the local path on each rank's shards. A parameter with at most one dimension is one unit
+    that ``Shard(0)`` splits across ranks: its weight and gradient norms are reduced over the mesh
+    (one all-reduce for all of them: the sums of |x|^p, or the max for inf, in float64), then each
+    rank scales its shard by that unit's factor, so the result is that of one process.
+
+    Raises:
+        ValueError: a DTensor sharded on another dim than 0 (its units would be split), a
+            ``Partial`` placement, or weights and gradients on other placements or meshes.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = grads[0].device_mesh
+    coordinate = mesh.get_coordinate()
+    rows_w, rows_g, whole = [], [], []
+    for i, (w, g) in enumerate(zip(weights, grads)):
+        if not (distributed.is_dtensor(w) and distributed.is_dtensor(g)) or w.device_mesh != mesh \
+                or g.device_mesh != mesh or tuple(w.placements) != tuple(g.placements):
+            raise ValueError(f"adaptive_clip_: parameter {i} and its gradient are not DTensors on one mesh "
+                             "with the same placements; pass all parameters sharded alike (e.g. by fully_shard)")
+        if not all(isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0) for pl in g.placements):
+            raise ValueError(f"adaptive_clip_: parameter {i} has placements {tuple(g.placements)}; AGC's units "
+                             "are slices along dim 0, so only Shard(0) and Replicate placements keep them whole")
+        if g.ndim >= 2:
+            rows_w.append(w.to_local())
+            rows_g.append(g.to_local())
+        else:
+            # counted by the ranks at coordinate 0 of the dims it is replicated on (as the norms are)
+            counted = all(coordinate[d] == 0 for d, pl in enumerate(g.placements) if isinstance(pl, Replicate))
+            whole.append((w.to_local(), g.to_local(), counted))
+    if rows_g:
+        adaptive_clip_(_Pairs(rows_w, rows_g), clip_factor, eps, norm_type, backend=backend)
+    if not whole:
+        return
+    device = whole[0][1].device
+    inf = math.isinf(norm_type)
+    with torch.no_grad():
+        parts = torch.zeros(2, len(whole), dtype=torch.float64, device=device)
+        for j, (w, g, counted) in enumerate(whole):
+            if not counted or g.numel() == 0:
+                continue
+            for row, t in ((0, w), (1, g)):
+                a = t.detach().double().abs()
+                parts[row, j] = a.max() if inf else a.pow(norm_type).sum()
+        for d in range(mesh.ndim):
+            torch.distributed.all_reduce(parts, op=torch.distributed.ReduceOp.MAX if inf else torch.distributed.ReduceOp.SUM,
+                                         group=mesh.get_group(d))
+        norms = parts if inf else parts.pow(1.0 / norm_type)
+        bound = norms[0].clamp(min=eps) * clip_factor
+        factor = torch.where(norms[1] < bound, torch.ones_like(bound), bound / norms[1].clamp(min=1e-6))
+        for j, (_, g, _) in enumerate(whole):
+            if g.numel():
+                g.mul_(factor[j].to(g.dtype))
+
+
+class _Pairs(list):
+    """Local shards as ``adaptive_clip_``'s parameters: each weight tensor carries its gradient."""
+
+    def __init__(self, weights: list[Tensor], grads: list[Tensor]):
+        items = []
+        for w, g in zip(weights, grads):
+            w = w.detach()
+            w.grad = g
+            items.append(w)
+        super().__init__(items)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -321,13 +321,57 @@ def _scaler_checks(rank: int, out: dict) -> None:
         }
 
 
+def _agc_checks(rank: int, out: dict) -> None:
+    """adaptive_clip_ on FSDP2 (DTensor, Shard(0)) parameters against the same call on the full
+    parameters in one process; the naive call on each rank's shards as plain tensors is the contrast
+    (its 1-d units are split, so their norms are wrong)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = _model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model:
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    torch.manual_seed(1 + rank)
+    model(torch.randn(4, 3, 6, 6)).square().sum().backward()
+    params = list(model.parameters())
+    saved = [p.grad.to_local().clone() for p in params]
+    full_w = [p.full_tensor() for p in params]
+    full_g = [p.grad.full_tensor() for p in params]
+    for norm_type in (2.0, 1.0, math.inf):
+        for p, g in zip(params, saved):
+            p.grad.to_local().copy_(g)
+        segclip.adaptive_clip_(params, 0.01, norm_type=norm_type)
+        got = [p.grad.full_tensor() for p in params]
+        plain = [torch.nn.Parameter(w.clone()) for w in full_w]
+        for q, g in zip(plain, full_g):
+            q.grad = g.clone()
+        segclip.adaptive_clip_(plain, 0.01, norm_type=norm_type)
+        want = [q.grad for q in plain]
+        naive = []
+        for p, g in zip(params, saved):  # the shards as plain tensors: 1-d units split
+            q = torch.nn.Parameter(p.to_local().detach().clone())
+            q.grad = g.clone()
+            naive.append(q)
+        segclip.adaptive_clip_(naive, 0.01, norm_type=norm_type)
+        scale = max(float(w.abs().max()) for w in want)
+        err = max(float((a - b).abs().max()) for a, b in zip(got, want)) / scale
+        local_err = max(float((q.grad - p.grad.to_local()).abs().max()) for q, p in zip(naive, params)
+                        if q.numel()) / scale
+        clipped = max(float((b - g).abs().max()) for b, g in zip(want, full_g)) / max(float(g.abs().max()) for g in full_g)
+        out[f"agc_{norm_type}"] = {"err": err, "naive_err": local_err, "clipped": clipped}
+
+
 def _worker(rank: int, port: int, folder: str) -> None:
     out: dict = {}
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         torch.set_num_threads(1)
-        for checks in (_group_checks, _fsdp_checks, _tp_checks, _clipper_checks, _scaler_checks):
+        for checks in (_group_checks, _fsdp_checks, _tp_checks, _clipper_checks, _scaler_checks, _agc_checks):
             checks(rank, out)
         dist.barrier()
     except BaseException:
@@ -438,3 +482,16 @@ def test_grad_scaler_agrees_across_ranks_on_an_inf_in_one_rank_s_shards(ranks):
         assert [r["local_inf"] for r in got] == [False, True]  # the ranks' own shards disagree ...
         assert [r["stepped"] for r in got] == [False, False], got  # ... their decisions do not:
         assert [r["scale"] for r in got] == [512.0, 512.0], got  # both skipped and backed off
+
+
+def test_adaptive_clip_on_fsdp2_parameters_matches_one_process(ranks):
+    # Rows (units of >= 2-d parameters) stay whole under Shard(0); the 1-d parameters' norms are
+    # reduced over the mesh, so the result is the full model's in one process.
+    for res in ranks:
+        for norm_type in ("2.0", "1.0", "inf"):
+            r = res[f"agc_{norm_type}"]
+            assert r["clipped"] > 1e-3, r  # AGC acted
+            assert r["err"] <= 2e-6, (norm_type, r)
+    # The same call on each rank's shards as plain tensors splits the 1-d units: caught on the rank
+    # whose shards of them are partial (the comparison above can fail).
+    assert max(res["agc_2.0"]["naive_err"] for res in ranks) > 1e-3

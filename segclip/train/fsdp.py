@@ -25,8 +25,9 @@ Under ``--fsdp`` the gradients are DTensors, so (docs/training.md, "Sharded trai
 the global norm), and ``segclip.clip_optimizer_`` cannot fold a DTensor gradient into the fused
 step, so it takes its plain path and the step records say ``clip_path: plain``; torch's fused SGD
 has no DTensor implementation (``aten._fused_sgd_`` has no sharding strategy in torch 2.14), so SGD
-runs as ``foreach`` (AdamW keeps ``fused``); AGC is refused (its per-unit norms of 1-d parameters
-are whole-tensor norms, split across ranks by FSDP's dim-0 sharding); fp16 with a GradScaler
+runs as ``foreach`` (AdamW keeps ``fused``); ``segclip.adaptive_clip_`` (AGC) clips the rows of
+>= 2-d parameters on each rank's shards (dim-0 sharding keeps them whole) and reduces the norms of
+the 1-d ones, whole-tensor units that FSDP splits, over the mesh; fp16 with a GradScaler
 (``--amp`` on CUDA) needs nothing more: torch 2.14's ``GradScaler.unscale_`` reduces ``found_inf``
 over the DTensor gradients' mesh (``found_inf_reduce_handler`` in torch/distributed/tensor/_dispatch.py),
 so every rank skips the same steps and keeps the same loss scale.
@@ -38,21 +39,6 @@ import itertools
 
 import torch
 import torch.distributed as dist
-
-# --clip-mode values that are not correct on sharded gradients, with the reason (one line each).
-REFUSED_CLIP_MODES = {
-    "agc": "AGC's unit of a 1-d parameter (a bias, a norm weight) is the whole tensor, whose norm FSDP "
-           "splits across ranks (it shards dim 0); use --clip-mode norm, value, auto or zscore",
-}
-
-
-def check_options(args) -> None:
-    """Refuses the options that ``--fsdp`` cannot honour, before any work (one line each)."""
-    if not getattr(args, "fsdp", False):
-        return
-    if args.clip != "none" and args.clip_mode in REFUSED_CLIP_MODES:
-        raise ValueError(f"--clip-mode {args.clip_mode} does not work with --fsdp: {REFUSED_CLIP_MODES[args.clip_mode]}")
-
 
 def ensure_process_group(device: torch.device) -> bool:
     """For ``--fsdp`` without torchrun: a process group of one (a mesh of one rank: nothing is

@@ -118,7 +118,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--model {args.model} needs --batch-size 2 or more (images per process): the "
                          f"image-pooling branch of its ASPP head applies BatchNorm to a 1x1 map, and "
                          f"BatchNorm in training needs more than one value per channel")
-    fsdp_utils.check_options(args)
 
 
 def check_run_folder(args: argparse.Namespace) -> list[str]:
