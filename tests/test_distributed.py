@@ -363,6 +363,17 @@ def _agc_checks(rank: int, out: dict) -> None:
                         if q.numel()) / scale
         clipped = max(float((b - g).abs().max()) for b, g in zip(want, full_g)) / max(float(g.abs().max()) for g in full_g)
         out[f"agc_{norm_type}"] = {"err": err, "naive_err": local_err, "clipped": clipped}
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.manual_seed(0)  # the same full tensor on every rank
+    cols = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    cols.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
+    before = cols.grad.to_local().clone()
+    try:
+        segclip.adaptive_clip_([cols], 0.01)
+        out["agc_shard1"] = "no error"
+    except ValueError as exc:
+        out["agc_shard1"] = str(exc) if torch.equal(before, cols.grad.to_local()) else "changed"
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
@@ -495,3 +506,5 @@ def test_adaptive_clip_on_fsdp2_parameters_matches_one_process(ranks):
     # The same call on each rank's shards as plain tensors splits the 1-d units: caught on the rank
     # whose shards of them are partial (the comparison above can fail).
     assert max(res["agc_2.0"]["naive_err"] for res in ranks) > 1e-3
+    # Sharded on dim 1, a unit (a dim-0 slice) spans ranks: refused, nothing changed.
+    assert all("Shard(0)" in res["agc_shard1"] and "placements" in res["agc_shard1"] for res in ranks), ranks[0]["agc_shard1"]
