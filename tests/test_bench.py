@@ -174,7 +174,7 @@ def test_results_page_takes_other_suites_runs(tmp_path):
     row = next(ln for ln in section.splitlines() if ln.startswith("| deeplabv3_mobilenet_v3_large"))
     assert "(2.00x, 90% of bound)" in row  # folded: torch / folded, bound / folded
     assert "--suite-json step.json" in text  # the command that wrote the page
-    # a clip or train run has its own flag
+    # a clip run has its own flags
     clip = _write(tmp_path / "clip.json", _result([]))
     assert page.results_main([*args[:-1], str(clip)]) == 2
 

@@ -48,11 +48,19 @@ def _clip_section(device: str, data: dict | None, path: str | None, flag: str) -
 
 
 def _suite_section(data: dict, path: str) -> list[str]:
-    """One more suite's run (step, groups, adapt, train_speed): its tables and targets as the CLI prints them."""
-    suite = data.get("suite")
-    return [f"## `segclip bench --suite {suite}`\n", f"Source: `{path}`\n", *machine_lines(data), "",
-            suite_tables(data, markdown=True) if data["records"] else
-            "The file holds no records: every figure is not measured.\n"]
+    """One more suite's run (step, groups, adapt, train_speed, or a train run at other settings): its
+    tables and targets as the CLI prints them."""
+    suite, s = data.get("suite"), data.get("settings") or {}
+    settings = ([f"- settings: batch {s.get('batch_size')} x {s.get('size')} px, {s.get('steps')} timed steps, "
+                 f"max_norm {s.get('max_norm')}, AMP {'on' if s.get('amp') else 'off'}"] if suite == "train" else [])
+    parts = [f"## `segclip bench --suite {suite}`\n", f"Source: `{path}`\n", *machine_lines(data), *settings, ""]
+    if not data["records"]:
+        return parts + ["The file holds no records: every figure is not measured.\n"]
+    impl = get(suite)
+    for device in sorted({r.device for r in data["records"]}):
+        if any(t.device == device for t in impl.targets):
+            parts += [f"### {targets_title(device, impl)}\n", markdown_table(*targets_table(data, device, impl)), ""]
+    return parts + [suite_tables(data, markdown=True, heading="###") + "\n"]
 
 
 def results_page(cpu: dict | None, cpu_path: str | None, gpu: dict | None = None, gpu_path: str | None = None,
@@ -104,7 +112,7 @@ def results_main(argv: list[str] | None = None, repo_root: str | Path | None = N
     p.add_argument("--gpu-json", help="a `segclip bench --device cuda` JSON")
     p.add_argument("--train-json", help="a `benchmarks/bench_train.py` (--suite train) JSON")
     p.add_argument("--suite-json", nargs="+", default=[], metavar="JSON",
-                   help="runs of the other suites (step, groups, adapt, train_speed): a section each, in this order")
+                   help="runs of the other suites (step, groups, adapt, train_speed; train at other settings): a section each, in this order")
     p.add_argument("--out", type=Path, default=repo / "benchmarks" / "RESULTS.md", help="the page to write")
     p.add_argument("--root", type=Path, default=repo,
                    help="paths in the page are shown relative to this folder; the newest CPU JSON is looked for under it")
@@ -141,9 +149,8 @@ def results_main(argv: list[str] | None = None, repo_root: str | Path | None = N
             data = schema.load(path)
         except schema.BadJSON as exc:
             return fail(str(exc))
-        if data.get("suite") in ("clip", "train"):
-            flag = "--cpu-json or --gpu-json" if data.get("suite") == "clip" else "--train-json"
-            return fail(f"{path}: a --suite {data.get('suite')} run has its own section: pass it as {flag}")
+        if data.get("suite") == "clip":
+            return fail(f"{path}: a --suite clip run has its own section: pass it as --cpu-json or --gpu-json")
         suites.append((data, shown(path)))
     command = " ".join(["python benchmarks/make_results.py"] + [f"{f} {shown(v)}" for f, v in given.items() if v]
                        + (["--suite-json", *map(shown, args.suite_json)] if args.suite_json else []))
