@@ -449,8 +449,8 @@ def clip_optimizer_(optimizer: torch.optim.Optimizer, max_norm: float, *, scaler
         The total norm of the (unscaled) gradients before clipping: a 0-dim float32 tensor (float64
         when any gradient is float64) on the gradients' device; ``tensor(0.)`` without gradients.
         With ``groups``, a :class:`segclip.GroupNorms` instead: ``.total`` is that tensor (the same
-        value as without ``groups``; on CUDA, where the groups come from one norm launch sequence
-        per group, equal within rounding), ``.norms`` the groups' norms before clipping, unscaled.
+        value as without ``groups``: the group kernel combines the total as the norm kernel does),
+        ``.norms`` the groups' norms before clipping, unscaled.
 
     Raises:
         TypeError: ``optimizer`` is no Optimizer, ``scaler`` no GradScaler, a gradient not floating point.
