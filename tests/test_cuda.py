@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import needs_cpu_kernel
+from test_adaptive import agc_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "segclip"
@@ -1220,21 +1221,8 @@ def test_group_norms_api_on_cuda():
 
 def agc_ref(weights, grads, clip_factor, eps, norm_type):
     """Unit-wise AGC in float64 (a dim-0 slice, the whole tensor for 0-d/1-d), with torch's ops on the
-    tensors' device."""
-    out = []
-    for w, g in zip(weights, grads):
-        w64, g64 = w.detach().to(torch.float64), g.detach().to(torch.float64).clone()
-        if g64.numel() == 0:
-            out.append(g64)
-            continue
-        rows = 1 if g64.ndim <= 1 else g64.shape[0]
-        wn = torch.linalg.vector_norm(w64.reshape(rows, -1), norm_type, dim=1)
-        gn = torch.linalg.vector_norm(g64.reshape(rows, -1), norm_type, dim=1)
-        bound = torch.where(torch.isnan(wn), wn, wn.clamp(min=eps)) * clip_factor
-        ratio = bound / torch.where(torch.isnan(gn), gn, gn.clamp(min=1e-6))
-        scale = torch.where(gn < bound, torch.ones_like(ratio), ratio)
-        out.append((g64.reshape(rows, -1) * scale[:, None]).reshape(g64.shape))
-    return out
+    tensors' device: the CPU tests' reference (tests/test_adaptive.py)."""
+    return agc_reference(weights, grads, clip_factor, eps, norm_type)
 
 
 def agc_rtol(dtype):

@@ -38,6 +38,24 @@ def _model() -> torch.nn.Module:
                                torch.nn.Linear(7 * 4 * 4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
 
 
+def _sharded_backward(rank: int) -> tuple[torch.nn.Module, list, object]:
+    """_model() sharded with FSDP2 (each Conv2d/Linear a unit, then the root) on a mesh of all ranks,
+    after one backward of each rank's own batch (FSDP reduces the gradients)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = _model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model:
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    torch.manual_seed(1 + rank)
+    model(torch.randn(4, 3, 6, 6)).square().sum().backward()
+    return model, list(model.parameters()), mesh
+
+
 def _fsdp_checks(rank: int, out: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -234,19 +252,7 @@ def _clipper_checks(rank: int, out: dict) -> None:
     """clip_grad_value_, AutoClip and ZClip on FSDP2 (DTensor) gradients: the same clipped gradients
     as the same calls on the full gradients in one process (the trainer's --fsdp --clip-mode value /
     auto / zscore)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    model = _model()
-    mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in model:
-        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    torch.manual_seed(1 + rank)
-    model(torch.randn(4, 3, 6, 6)).square().sum().backward()
-    params = list(model.parameters())
+    model, params, mesh = _sharded_backward(rank)
     saved = [p.grad.to_local().clone() for p in params]
     full = [p.grad.full_tensor() for p in params]  # every rank: the whole gradient
     # Per call, the gradients times a factor (a spike at the 4th), so the clippers' histories matter,
@@ -325,19 +331,7 @@ def _agc_checks(rank: int, out: dict) -> None:
     """adaptive_clip_ on FSDP2 (DTensor, Shard(0)) parameters against the same call on the full
     parameters in one process; the naive call on each rank's shards as plain tensors is the contrast
     (its 1-d units are split, so their norms are wrong)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    model = _model()
-    mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in model:
-        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    torch.manual_seed(1 + rank)
-    model(torch.randn(4, 3, 6, 6)).square().sum().backward()
-    params = list(model.parameters())
+    model, params, mesh = _sharded_backward(rank)
     saved = [p.grad.to_local().clone() for p in params]
     full_w = [p.full_tensor() for p in params]
     full_g = [p.grad.full_tensor() for p in params]
