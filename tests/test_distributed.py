@@ -57,20 +57,9 @@ def _sharded_backward(rank: int) -> tuple[torch.nn.Module, list, object]:
 
 
 def _fsdp_checks(rank: int, out: dict) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    torch.manual_seed(0)
-    model = _model()
-    mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in model:
-        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    torch.manual_seed(1 + rank)  # each rank its own batch: FSDP reduces the gradients
-    model(torch.randn(4, 3, 6, 6)).square().sum().backward()
-    params = list(model.parameters())
+    model, params, mesh = _sharded_backward(rank)  # each rank its own batch: FSDP reduces the gradients
     assert all(isinstance(p.grad, DTensor) for p in params)
     saved = [p.grad.to_local().clone() for p in params]
 
