@@ -210,6 +210,22 @@ def _fast_clip(params: list, max_norm: float, norm_type: float, error_if_nonfini
     return total
 
 
+def _fast_norm(items: list, norm_type: float, error_if_nonfinite: bool, backend: str) -> Tensor | None:
+    """total_norm's common case in one op call, or None when the general path must decide (see
+    note: [fast path]: the norm op writes nothing, and refuses what it cannot take)."""
+    tensors = [t for t in items if t is not None]
+    if not tensors or type(tensors[0]) is not Tensor or not _resolve(backend, tensors[0].device):
+        return None
+    with torch.no_grad():
+        try:
+            total = torch.ops.segclip.multi_tensor_norm(tensors, norm_type)
+        except (RuntimeError, TypeError):  # TypeError: an entry that is no Tensor
+            return None
+    if error_if_nonfinite:
+        _check_finite(total, norm_type)
+    return total
+
+
 def fused_clip_(parameters: _TensorOrTensors, max_norm: float, norm_type: float = 2.0,
                 error_if_nonfinite: bool = False, foreach: bool | None = None, *,
                 backend: str = "auto", process_group=None) -> Tensor:
@@ -292,6 +308,10 @@ def total_norm(tensors: _TensorOrTensors, norm_type: float = 2.0, error_if_nonfi
     _check_backend(backend)
     norm_type = float(norm_type)
     items, tensors = _as_list(tensors), []
+    if process_group is None and norm_type in KERNEL_NORM_TYPES and not torch.compiler.is_compiling():
+        fast = _fast_norm(items, norm_type, error_if_nonfinite, backend)  # see note: [fast path]
+        if fast is not None:
+            return fast
     for i, t in enumerate(items):
         if t is None:
             continue

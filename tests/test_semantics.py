@@ -474,3 +474,39 @@ def test_any_object_with_a_grad_is_a_parameter_as_in_torch(backend):
     for bad in ([Holder(3.0)], [Holder(torch.ones(2)), Holder(3.0)]):
         with pytest.raises(TypeError, match=rf"the gradient of parameters\[{len(bad) - 1}\] is a float"):
             segclip.fused_clip_(bad, 0.1, backend=backend)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_total_norm_fast_path_is_the_general_path(monkeypatch, norm_type):
+    """total_norm's one-op fast path (see clip.py's note: [fast path]) gives the general path's value
+    bit for bit, and what the op refuses still reaches the general path's checks."""
+    from segclip import clip as clip_mod
+
+    gen = torch.Generator().manual_seed(7)
+    lists = [
+        [torch.randn(300, generator=gen), None, torch.randn(4, 5, generator=gen).t(), torch.empty(0)],
+        [torch.randn(70000, generator=gen).bfloat16(), torch.randn(9, generator=gen).double(), torch.randn(3, 3)],
+        [torch.randn(2049, generator=gen)[1:].half(), torch.tensor(3.0)],
+        [torch.randn(5, generator=gen), torch.tensor([math.inf, 1.0])],
+    ]
+    calls = []
+    real = clip_mod._fast_norm
+    monkeypatch.setattr(clip_mod, "_fast_norm", lambda *a: calls.append(1) or real(*a))
+    fast = [segclip.total_norm(ts, norm_type) for ts in lists]
+    assert len(calls) == len(lists)
+    monkeypatch.setattr(clip_mod, "_fast_norm", lambda *a: None)
+    general = [segclip.total_norm(ts, norm_type) for ts in lists]
+    for f, g, ts in zip(fast, general, lists):
+        assert f.dtype == g.dtype and torch.equal(f, g), (f, g)
+        want = oracle_norm([t for t in ts if t is not None], norm_type)
+        if math.isfinite(want):
+            assert_norm_close(f, want, 1e-6)
+    monkeypatch.setattr(clip_mod, "_fast_norm", real)
+    with pytest.raises(TypeError, match=r"tensors\[1\] has dtype torch.int64"):
+        segclip.total_norm([torch.ones(3), torch.ones(2, dtype=torch.long)])
+    with pytest.raises(TypeError, match=r"tensors\[1\] is a str"):
+        segclip.total_norm([torch.ones(3), "x"])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        segclip.total_norm(lists[3], norm_type, error_if_nonfinite=True)
+    assert segclip.total_norm([None, None]).item() == 0.0
