@@ -198,6 +198,16 @@ def _grads(parameters: _TensorOrTensors) -> list[Tensor]:
     return clip._grads_of(clip._as_list(parameters))
 
 
+def _measure(parameters: _TensorOrTensors, backend: str) -> tuple[Tensor, list[Tensor], Tensor] | None:
+    """The clippers' shared start: ``(norm, grads, local norm)`` of ``parameters``' gradients (see
+    :func:`_local`), or None without gradients. Call under ``torch.no_grad()``."""
+    grads = _grads(parameters)
+    if not grads:
+        return None
+    norm = clip.total_norm(grads, backend=backend)
+    return (norm, *_local(grads, norm))
+
+
 def _local(grads: list[Tensor], norm: Tensor) -> tuple[list[Tensor], Tensor]:
     """DTensor gradients (FSDP2, tensor parallel): ``total_norm`` returned the global norm as a DTensor
     replicated on their mesh, the same on every rank. The statistics take its local value (so every
@@ -257,12 +267,11 @@ class AutoClip:
         return self._seen
 
     def __call__(self, parameters: _TensorOrTensors) -> Tensor:
-        grads = _grads(parameters)
-        if not grads:
-            return torch.tensor(0.0)
         with torch.no_grad():
-            norm = clip.total_norm(grads, backend=self.backend)
-            grads, local = _local(grads, norm)
+            measured = _measure(parameters, self.backend)
+            if measured is None:
+                return torch.tensor(0.0)
+            norm, grads, local = measured
             n64 = local.double()
             slot = self._slot(local.device)
             self._norms[slot] = torch.where(torch.isfinite(n64), n64, math.nan)
@@ -361,12 +370,11 @@ class ZClip:
         return torch.where(z > self.z_thresh, bound, n)
 
     def __call__(self, parameters: _TensorOrTensors) -> Tensor:
-        grads = _grads(parameters)
-        if not grads:
-            return torch.tensor(0.0)
         with torch.no_grad():
-            norm = clip.total_norm(grads, backend=self.backend)
-            grads, local = _local(grads, norm)
+            measured = _measure(parameters, self.backend)
+            if measured is None:
+                return torch.tensor(0.0)
+            norm, grads, local = measured
             n = local.double()
             self._to(local.device)
             if self._steps < self.warmup_steps:

@@ -310,7 +310,7 @@ def _group_norms(grads: list[Tensor], group_of: list[int], num_groups: int, norm
     [group partials in one pass] in segclip/partials.py); ``vec``: the partials, when computed."""
     if vec is None:
         vec = partials.local_partials(grads, group_of, num_groups + 1, norm_type, "auto")
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    dtype = norm_math.accumulate_dtype(g.dtype for g in grads)
     norms = partials.finish(vec, norm_type, dtype)
     return torch.cat([norms[:num_groups], norms[-1:]])  # the hidden group dropped
 
@@ -334,20 +334,27 @@ def _fast_norm(optimizer, params: list, scaler, norm_type: float, fold, named, i
         grads = [p.grad for p in params if p.grad is not None]
     except AttributeError:
         return None  # not a parameter: the general path names it
-    if not grads or type(grads[0]) is not Tensor or not clip._resolve("auto", grads[0].device):
+    if named is None:
+        norms = clip._fast_norm(grads, norm_type, False, "auto")  # total_norm's fast path
+    else:
+        norms = _fast_group_norms(grads, params, norm_type, named, index)
+    if norms is None or (scaler is not None and any(g.dtype == torch.float16 for g in grads)):
+        return None  # (fp16 with a scaler: the general path raises as unscale_ does)
+    return grads, norms
+
+
+def _fast_group_norms(grads: list, params: list, norm_type: float, named, index) -> Tensor | None:
+    """The groups' norms, then the total, from one group-partials op call, or None (see note:
+    [fold fast path])."""
+    if not grads or type(grads[0]) is not Tensor or not clip._resolve("auto", grads[0].device) or \
+            not partials.has_group_kernel(grads[0].device):
         return None
-    if scaler is not None and any(g.dtype == torch.float16 for g in grads):
-        return None  # the general path raises as unscale_ does
     try:
-        if named is None:
-            return grads, torch.ops.segclip.multi_tensor_norm(grads, norm_type)
-        if not partials.has_group_kernel(grads[0].device):
-            return None
         group_of = _group_of(index, len(named), params)
         vec = torch.ops.segclip.multi_tensor_group_partials(grads, group_of, len(named) + 1, norm_type)
     except (RuntimeError, TypeError):  # TypeError: a gradient that is no Tensor
         return None
-    return grads, _group_norms(grads, group_of, len(named), norm_type, vec)
+    return _group_norms(grads, group_of, len(named), norm_type, vec)
 
 
 FOLDED, ONE_PASS, PLAIN = "folded", "one-pass", "plain"

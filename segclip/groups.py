@@ -122,7 +122,7 @@ def _fast_partials(named, norm_type: float, backend: str) -> tuple[list[Tensor],
         vec = torch.ops.segclip.multi_tensor_group_partials(grads, group_of, len(named), norm_type)
     except (RuntimeError, TypeError):
         return None
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    dtype = norm_math.accumulate_dtype(g.dtype for g in grads)
     return grads, vec, dtype
 
 

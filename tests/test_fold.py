@@ -68,25 +68,26 @@ def backward(net, x, y, scaler, step, inject):
         next(net.parameters()).grad.view(-1)[step] = inject[step]
 
 
-def torch_recipe(net, opt, scaler, max_norm, norm_type=2.0):
-    if scaler is not None:
-        scaler.unscale_(opt)
-    total = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm, norm_type)
+def finish_step(opt, scaler):
+    """The user's usual step: ``scaler.step(opt); scaler.update()``, or ``opt.step()`` without a scaler."""
     if scaler is not None:
         scaler.step(opt)
         scaler.update()
     else:
         opt.step()
+
+
+def torch_recipe(net, opt, scaler, max_norm, norm_type=2.0):
+    if scaler is not None:
+        scaler.unscale_(opt)
+    total = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm, norm_type)
+    finish_step(opt, scaler)
     return total
 
 
 def segclip_recipe(net, opt, scaler, max_norm, norm_type=2.0, **kw):
     total = segclip.clip_optimizer_(opt, max_norm, scaler=scaler, norm_type=norm_type, **kw)
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
+    finish_step(opt, scaler)
     return total
 
 

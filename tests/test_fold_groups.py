@@ -13,7 +13,7 @@ from torch import nn
 import segclip
 from segclip import fold as fold_mod
 
-from test_fold import batches, make_net, make_scaler, one_thread  # noqa: F401 (fixture)
+from test_fold import batches, make_net, make_scaler, one_thread, finish_step  # noqa: F401 (fixture)
 
 # (optimizer, scaler?, fold) -> the path clip_optimizer_ takes
 PATHS = [
@@ -82,12 +82,8 @@ def test_group_norms_on_every_path_and_the_same_steps(opt_name, scaler_on, fold,
                 assert got[name].item() == pytest.approx(want[name], rel=2e-6, abs=1e-30), (step, name)
         if not math.isinf(want["total"]):
             assert got.total.item() == pytest.approx(want["total"], rel=2e-6), step
-        for net, opt, sc in ((net_a, opt_a, sc_a), (net_b, opt_b, sc_b)):
-            if sc is not None:
-                sc.step(opt)
-                sc.update()
-            else:
-                opt.step()
+        for opt, sc in ((opt_a, sc_a), (opt_b, sc_b)):
+            finish_step(opt, sc)
         if not scaler_on and step == 4:
             break  # without a scaler the inf made both nets NaN (as torch's recipe does): nothing more to see
     for (name, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
