@@ -52,13 +52,27 @@
 //      distributed.py); the last entry is what multi_tensor_norm reduces before its root, bitwise.
 //      Kernels: cpu/group_norms_cpu.cpp, cuda/group_cuda.cpp (a device without one goes through
 //      segclip/partials.py); the argument checks both share: group_checks.h.
+//  * multi_tensor_group_norms(tensors, groups, num_groups, norm_type) -> (Tensor norms, Tensor total)
+//      The norms themselves, for segclip.group_norms' one-call fast path: tensors may hold None
+//      (a parameter without a gradient: skipped, though its group index is still checked);
+//      multi_tensor_group_partials of the rest, then the root (sqrt for p = 2), in float64 when any
+//      tensor is float64, float32 otherwise (multi_tensor_norm's rule): norms of shape (num_groups,)
+//      and the 0-dim total, bitwise what multi_tensor_norm returns for the same tensors (two new
+//      tensors, aliasing no input and not each other). Refuses a list with no tensor. One kernel for every dispatch key (CompositeImplicitAutograd, below): the
+//      partials op's kernels, checks and fake kernel do the work, so the list is walked once in C++
+//      instead of once per entry in Python (see note: [fast path] in segclip/clip.py).
 #include <Python.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <optional>
 #include <tuple>
+#include <vector>
 
 TORCH_LIBRARY(segclip, m) {
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor");
@@ -71,6 +85,7 @@ TORCH_LIBRARY(segclip, m) {
         "float norm_type) -> ()");
   m.def("multi_tensor_clip_(Tensor(a!)[] tensors, float norm_type, float max_norm) -> (Tensor, Tensor)");
   m.def("multi_tensor_group_partials(Tensor[] tensors, int[] groups, int num_groups, float norm_type) -> Tensor");
+  m.def("multi_tensor_group_norms(Tensor?[] tensors, int[] groups, int num_groups, float norm_type) -> (Tensor, Tensor)");
 }
 
 // NOTE: [version counter]
@@ -113,6 +128,7 @@ using NormFn = at::Tensor(at::TensorList, double);
 using NormCoefFn = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, double);
 using ScaleFn = void(at::TensorList, const at::Tensor&);
 using ClipFn = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, double);
+using GroupPartialsFn = at::Tensor(at::TensorList, at::IntArrayRef, int64_t, double);
 
 // One cached handle per op (looked up on first use, after the TORCH_LIBRARY block has run).
 const c10::TypedOperatorHandle<NormFn>& norm_op() {
@@ -129,6 +145,11 @@ const c10::TypedOperatorHandle<ScaleFn>& scale_op() {
 }
 const c10::TypedOperatorHandle<ClipFn>& clip_op() {
   static const auto op = find_op<ClipFn>("segclip::multi_tensor_clip_");
+  return op;
+}
+
+const c10::TypedOperatorHandle<GroupPartialsFn>& group_partials_op() {
+  static const auto op = find_op<GroupPartialsFn>("segclip::multi_tensor_group_partials");
   return op;
 }
 
@@ -149,6 +170,13 @@ void multi_tensor_scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors,
   refuse_requires_grad(tensors, "segclip::multi_tensor_scale_");
   at::AutoDispatchBelowAutograd guard;
   scale_op().redispatch(ks & c10::after_autograd_keyset, tensors, coef);
+}
+
+at::Tensor multi_tensor_group_partials_autograd(c10::DispatchKeySet ks, at::TensorList tensors,
+                                                at::IntArrayRef groups, int64_t num_groups, double norm_type) {
+  refuse_requires_grad(tensors, "segclip::multi_tensor_group_partials");
+  at::AutoDispatchBelowAutograd guard;
+  return group_partials_op().redispatch(ks & c10::after_autograd_keyset, tensors, groups, num_groups, norm_type);
 }
 
 void bump_versions(at::TensorList tensors) {
@@ -183,9 +211,61 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_clip_inplace(c10::DispatchKeySet
   return out;
 }
 
+// multi_tensor_group_norms: the present tensors' partials through the dispatcher (every key of the
+// partials op applies: its CPU/CUDA kernels, the Autograd refusal, the sparse refusals, its fake
+// kernel under torch.compile), then the root and the dtype.
+std::tuple<at::Tensor, at::Tensor> multi_tensor_group_norms(const c10::List<std::optional<at::Tensor>>& tensors,
+                                                            at::IntArrayRef groups, int64_t num_groups,
+                                                            double norm_type) {
+  const char* op = "segclip::multi_tensor_group_norms";
+  TORCH_CHECK(groups.size() == tensors.size(), op, ": groups has ", groups.size(), " entries for ", tensors.size(),
+              " tensors; expected one group index per tensor");
+  std::vector<at::Tensor> present;
+  std::vector<int64_t> present_groups;
+  present.reserve(tensors.size());
+  present_groups.reserve(tensors.size());
+  bool wide = false;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(groups[i] >= 0 && groups[i] < num_groups, op, ": groups[", i, "] is ", groups[i],
+                "; expected a group index in [0, ", num_groups, ")");
+    const std::optional<at::Tensor> t = tensors.get(i);
+    if (!t.has_value() || !t->defined()) continue;
+    wide = wide || t->scalar_type() == at::kDouble;
+    present.push_back(*t);
+    present_groups.push_back(groups[i]);
+  }
+  TORCH_CHECK(!present.empty(), op, ": every entry is None; expected at least one tensor");
+  const at::Tensor partials = group_partials_op().call(present, present_groups, num_groups, norm_type);
+  const at::ScalarType dtype = wide ? at::kDouble : at::kFloat;
+  const c10::DispatchKeySet keys = partials.key_set();
+  const bool real_cpu = partials.device().is_cpu() && !keys.has(c10::DispatchKey::Python) &&
+                        !keys.has(c10::DispatchKey::Functionalize);  // fake and functional tensors hold no data
+  if (real_cpu && partials.scalar_type() == at::kDouble && partials.is_contiguous()) {
+    // On the host: two outputs written in one loop instead of six small ops (each costs microseconds).
+    at::Tensor norms = at::empty({num_groups}, partials.options().dtype(dtype));
+    at::Tensor total = at::empty({}, partials.options().dtype(dtype));
+    const double* in = partials.const_data_ptr<double>();
+    AT_DISPATCH_FLOATING_TYPES(dtype, "multi_tensor_group_norms", [&] {
+      scalar_t* out = norms.mutable_data_ptr<scalar_t>();
+      for (int64_t k = 0; k <= num_groups; ++k) {
+        const double root = norm_type == 2.0 ? std::sqrt(in[k]) : in[k];  // 1 and inf: the partial itself
+        (k < num_groups ? out[k] : *total.mutable_data_ptr<scalar_t>()) = static_cast<scalar_t>(root);
+      }
+    });
+    return {norms, total};
+  }
+  const at::Tensor roots = norm_type == 2.0 ? partials.sqrt() : partials;
+  const at::Tensor norms = roots.to(dtype);
+  return {norms.narrow(0, 0, num_groups).clone(), norms.select(0, num_groups).clone()};
+}
+
 }  // namespace
 
+TORCH_LIBRARY_IMPL(segclip, CompositeImplicitAutograd, m) {
+  m.impl("multi_tensor_group_norms", &multi_tensor_group_norms);
+}
 TORCH_LIBRARY_IMPL(segclip, Autograd, m) {
+  m.impl("multi_tensor_group_partials", &multi_tensor_group_partials_autograd);
   m.impl("multi_tensor_norm", &multi_tensor_norm_autograd);
   m.impl("multi_tensor_norm_coef", &multi_tensor_norm_coef_autograd);
   m.impl("multi_tensor_scale_", &multi_tensor_scale_autograd);

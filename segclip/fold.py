@@ -304,12 +304,10 @@ def _group_of(index: dict[int, int], num_groups: int, params: list) -> list[int]
     return [index.get(id(p), num_groups) for p in params if p.grad is not None]
 
 
-def _group_norms(grads: list[Tensor], group_of: list[int], num_groups: int, norm_type: float,
-                 vec: Tensor | None = None) -> Tensor:
+def _group_norms(grads: list[Tensor], group_of: list[int], num_groups: int, norm_type: float) -> Tensor:
     """The norms of ``num_groups`` groups and, last, of all gradients, from one read (see note:
-    [group partials in one pass] in segclip/partials.py); ``vec``: the partials, when computed."""
-    if vec is None:
-        vec = partials.local_partials(grads, group_of, num_groups + 1, norm_type, "auto")
+    [group partials in one pass] in segclip/partials.py)."""
+    vec = partials.local_partials(grads, group_of, num_groups + 1, norm_type, "auto")
     dtype = norm_math.accumulate_dtype(g.dtype for g in grads)
     norms = partials.finish(vec, norm_type, dtype)
     return torch.cat([norms[:num_groups], norms[-1:]])  # the hidden group dropped
@@ -349,12 +347,12 @@ def _fast_group_norms(grads: list, params: list, norm_type: float, named, index)
     if not grads or type(grads[0]) is not Tensor or not clip._resolve("auto", grads[0].device) or \
             not partials.has_group_kernel(grads[0].device):
         return None
-    try:
+    try:  # the groups, then a hidden group of the parameters in none (see note: [group fast path] in groups.py)
         group_of = _group_of(index, len(named), params)
-        vec = torch.ops.segclip.multi_tensor_group_partials(grads, group_of, len(named) + 1, norm_type)
+        norms, total = torch.ops.segclip.multi_tensor_group_norms(grads, group_of, len(named) + 1, norm_type)
     except (RuntimeError, TypeError):  # TypeError: a gradient that is no Tensor
         return None
-    return _group_norms(grads, group_of, len(named), norm_type, vec)
+    return torch.cat([norms[:len(named)], total.reshape(1)])  # the hidden group dropped
 
 
 FOLDED, ONE_PASS, PLAIN = "folded", "one-pass", "plain"

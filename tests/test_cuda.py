@@ -1390,6 +1390,9 @@ def test_opcheck_group_and_adaptive():
           torch.randn(CHUNK + 1, device="cuda", dtype=torch.float16)]
     for p in NORM_TYPES:
         torch.library.opcheck(ops.multi_tensor_group_partials.default, (ts, [0, 1, 0, 2], 3, p), test_utils=utils)
+        # the norms op on CUDA: its device branch (the roots by ATen ops, on the device)
+        torch.library.opcheck(ops.multi_tensor_group_norms.default, (ts + [None], [0, 1, 0, 2, 1], 3, p),
+                              test_utils=utils)
     ws, gs = agc_pairs([(8, 3, 3, 3), (5,), (3, CHUNK + 3)], torch.float32)
     for p in NORM_TYPES:
         torch.library.opcheck(ops.multi_tensor_adaptive_clip_.default, (ws, [g.clone() for g in gs], 0.01, 1e-3, p),

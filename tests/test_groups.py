@@ -15,6 +15,7 @@ from conftest import (ALL_DTYPES, CPU_BACKENDS, KERNEL_NORM_TYPES, NORM_RTOL, OT
 
 op = torch.ops.segclip.multi_tensor_group_partials if hasattr(torch.ops.segclip, "multi_tensor_group_partials") \
     else None
+norms_op = getattr(torch.ops.segclip, "multi_tensor_group_norms", None)
 
 
 def _oracle_partial(tensors, norm_type: float) -> float:
@@ -80,6 +81,8 @@ def test_opcheck(norm_type):
     for tensors, groups, n in ((_mixed_tensors(), [0, 1, 0, 1, 0, 1, 0], 2), ([torch.randn(5)], [0], 1),
                                ([torch.randn(0)], [0], 3)):
         torch.library.opcheck(op.default, (tensors, groups, n, norm_type))
+        # the norms op too, with a None entry (its fake results come from the partials op's fake kernel)
+        torch.library.opcheck(norms_op.default, (tensors + [None], groups + [0], n, norm_type))
 
 
 @needs_cpu_kernel
@@ -95,6 +98,69 @@ def test_opcheck(norm_type):
 def test_op_bad_arguments(args, words):
     with pytest.raises(RuntimeError, match=re.escape(words)):
         op(*args)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("norm_type", KERNEL_NORM_TYPES)
+@pytest.mark.parametrize("wide", [False, True])
+def test_norms_op_against_float64(norm_type, wide):
+    """multi_tensor_group_norms: Nones skipped (their group still counts), roots taken, the norm's dtype."""
+    tensors = [t for t in _mixed_tensors() if wide or t.dtype != torch.float64]
+    entries = tensors[:2] + [None] + tensors[2:] + [None]
+    groups = [2, 0, 1, 2, 0, 1, 2, 0][:len(entries) - 1] + [3]  # group 3 holds nothing but a None
+    norms, total = norms_op(entries, groups, 4, norm_type)
+    dtype = torch.float64 if wide else torch.float32
+    assert norms.dtype == total.dtype == dtype and norms.shape == (4,) and total.shape == ()
+    present = [(t, g) for t, g in zip(entries, groups) if t is not None]
+    for k in range(4):
+        want = _oracle_partial([t for t, g in present if g == k], norm_type)
+        want = math.sqrt(want) if norm_type == 2 else want
+        assert norms[k].item() == pytest.approx(want, rel=1e-6, abs=0.0), k
+    # The total is bitwise multi_tensor_norm's of the present tensors, and it owns its memory.
+    assert torch.equal(total, torch.ops.segclip.multi_tensor_norm([t for t, _ in present], norm_type))
+    assert total.untyped_storage().data_ptr() != norms.untyped_storage().data_ptr()
+    # The same figures as the partials op's, rooted in float64 and rounded once.
+    vec = op([t for t, _ in present], [g for _, g in present], 4, norm_type)
+    root = vec.sqrt() if norm_type == 2 else vec
+    assert torch.equal(norms, root[:-1].to(dtype)) and torch.equal(total, root[-1].to(dtype))
+
+
+@needs_cpu_kernel
+def test_norms_op_planted_group_error_is_caught():
+    tensors = _mixed_tensors()
+    right, _ = norms_op(tensors, [0, 1, 0, 1, 0, 1, 0], 2, 2.0)
+    wrong, _ = norms_op(tensors[:1] + [None] + tensors[2:], [0, 1, 0, 1, 0, 1, 0], 2, 2.0)  # one tensor dropped
+    assert right[1].item() != pytest.approx(wrong[1].item(), rel=1e-6)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("args, words", [
+    (([None, None], [0, 0], 1, 2.0), "every entry is None"),
+    (([torch.ones(2), None], [0], 1, 2.0), "groups has 1 entries for 2 tensors"),
+    (([torch.ones(2), None], [0, 2], 2, 2.0), "groups[1] is 2"),  # checked for a None entry too
+    (([torch.ones(2)], [0], 1, 3.0), "norm_type 1, 2 and inf"),
+    (([torch.ones(2, dtype=torch.int32)], [0], 1, 2.0), "tensors[0] has dtype Int"),
+])
+def test_norms_op_bad_arguments(args, words):
+    with pytest.raises(RuntimeError, match=re.escape(words)):
+        norms_op(*args)
+
+
+@needs_cpu_kernel
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")
+def test_ops_refuse_requires_grad_in_grad_mode_and_group_norms_does_not():
+    """The partials op's Autograd kernel (see NOTE [autograd kernels] in csrc/segclip.cpp): a gradient
+    kept by create_graph=True requires grad; group_norms runs under no_grad, as total_norm does."""
+    w = torch.nn.Parameter(torch.randn(5))
+    (w.sin().sum()).backward(create_graph=True)
+    assert w.grad.requires_grad
+    with pytest.raises(RuntimeError, match="requires grad and grad mode is on"):
+        op([w.grad], [0], 1, 2.0)
+    with pytest.raises(RuntimeError, match="requires grad and grad mode is on"):
+        norms_op([w.grad], [0], 1, 2.0)
+    norms = segclip.group_norms({"w": [w]})
+    assert not norms.total.requires_grad
+    assert norms.total.item() == pytest.approx(oracle_norm([w.grad.detach()], 2.0), rel=1e-6)
 
 
 def _model_groups(dtype=torch.float32):
@@ -123,6 +189,25 @@ def test_group_norms_against_float64(backend, norm_type):
     # The same total as segclip.total_norm (bitwise with the kernel: the same pass, the same order).
     if backend == "cpu" and norm_type in KERNEL_NORM_TYPES:
         assert norms.total.item() == segclip.total_norm(every, norm_type, backend=backend).item()
+
+
+@needs_cpu_kernel
+def test_group_norms_takes_one_op_call_with_nones(monkeypatch):
+    """The fast path (see note: [group fast path]) serves groups with None gradients, and gives the
+    general path's figures."""
+    params = _model_groups()
+    params["backbone"][1].grad = None
+    params["aux"][0].grad = None
+    general = segclip.group_norms(params, backend="torch")
+    monkeypatch.setattr(segclip.groups, "_collect", lambda named: pytest.fail("the general path ran"))
+    fast = segclip.group_norms(params)
+    assert fast.names == general.names and fast.norms[2].item() == 0.0
+    torch.testing.assert_close(fast.norms, general.norms, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fast.total, general.total, rtol=1e-6, atol=0)
+    before = [p.grad.clone() for ps in params.values() for p in ps if p.grad is not None]
+    segclip.clip_groups_(params, 0.0)  # scales by 0: every present gradient, the Nones skipped
+    assert all(p.grad is None or not p.grad.any() for ps in params.values() for p in ps)
+    assert any(b.any() for b in before)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
