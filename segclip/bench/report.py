@@ -6,6 +6,8 @@ Every figure is read from the result; a figure it does not hold reads "not measu
 
 from __future__ import annotations
 
+import functools
+
 from .schema import Record
 from .suites import Suite, Target, get
 
@@ -49,6 +51,10 @@ class Figures:
     def time_over_bound(self, r: Record) -> float | None:
         x = self.of_bound(r)
         return 1 / x if x else None
+
+    def time_over(self, r: Record, impl: str) -> float | None:
+        base = self._time(r, impl)
+        return r.median_s / base if base and r.median_s else None
 
     def cell(self, r: Record | None) -> str:
         """``time (speedup, fraction of the bound)``, "not available: why", or "not measured"."""
@@ -149,7 +155,8 @@ def evaluate_targets(result: dict, suite: Suite | None = None, device: str | Non
         if device is not None and t.device != device:
             continue
         r = fig.get(t.device, t.case, t.dtype, t.mode, t.impl)
-        measured = getattr(fig, t.metric)(r) if r is not None and r.median_s else None
+        metric = functools.partial(fig.time_over, impl=t.versus) if t.metric == "time_over" else getattr(fig, t.metric)
+        measured = metric(r) if r is not None and r.median_s else None
         if measured is None:
             met = None
             status = NOT_MEASURED + (f" (not available: {r.reason})" if r is not None and not r.available else "")
@@ -163,7 +170,10 @@ def evaluate_targets(result: dict, suite: Suite | None = None, device: str | Non
 def _target_text(t: Target, suite: Suite) -> str:
     if t.metric == "of_bound":
         return f"fraction of bandwidth bound {t.op} {100 * t.value:.0f}%"
-    what = "time / flat bound" if t.metric == "time_over_bound" else f"speedup vs {suite.impls('cpu')[suite.baseline][0]}"
+    if t.metric == "time_over":
+        what = f"time / {suite.impls('cpu')[t.versus][0]}"
+    else:
+        what = "time / flat bound" if t.metric == "time_over_bound" else f"speedup vs {suite.impls('cpu')[suite.baseline][0]}"
     return f"{what} {t.op} {round(t.value, 3)}x"  # 1/1.05 reads 0.952x
 
 

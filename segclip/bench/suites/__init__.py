@@ -35,10 +35,11 @@ class Target:
     case: str
     mode: str
     impl: str
-    metric: str  # "speedup" (baseline time / impl time), "time_over_bound" or "of_bound"
+    metric: str  # "speedup" (baseline time / impl time), "time_over_bound", "of_bound", or "time_over" (versus)
     op: str  # "<=" or ">="
     value: float
     dtype: str = "fp32"
+    versus: str | None = None  # metric "time_over": impl time / this implementation's time, in the same run
 
 
 @dataclasses.dataclass

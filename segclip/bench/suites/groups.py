@@ -4,13 +4,18 @@ global-only norm (``segclip.total_norm`` / ``fused_clip_``) on the same gradient
 The groups of a model case are its top-level modules (``backbone``, ``classifier``, and
 ``aux_classifier`` where the model has one), read from the model's parameter names; a synthetic case
 is cut in three runs of tensors. What is measured is the price of the per-group figures: the
-target is at most 1.05x the global-only call (speedup >= 0.952 against that baseline).
+target is at most 1.05x the global-only call on the same parameters (``segclip global``), timed in the
+same run. The speedups in the cells are over the global kernel, the floor: the ops alone on a list
+of gradients built once, outside the timing, which no call from parameters can reach (reading
+``.grad`` of 193 parameters costs ~45 us when the norm pass has just swept the caches; Intel Xeon,
+2026-12-01).
 
 Implementations (columns):
     global kernel      the global norm's ops alone, no Python around them: ``multi_tensor_norm``
                        (mode ``norm``), ``multi_tensor_norm_coef`` + ``multi_tensor_scale_`` (``clip``):
                        the baseline, the least a global-only norm costs
-    segclip global     ``segclip.total_norm(grads)`` or ``segclip.fused_clip_(params, ...)``
+    segclip global     ``segclip.total_norm([p.grad for p in params])`` or ``segclip.fused_clip_(params, ...)``:
+                       the global-only call from the same parameters the groups call takes
     segclip groups     ``segclip.group_norms(groups)`` or ``segclip.clip_groups_(groups, ...)``: one pass
     torch per group    torch's way to the same figures: ``torch.nn.utils.get_total_norm`` once per group,
                        the total from those (``clip``: then ``clip_grads_with_norm_``)
@@ -63,8 +68,8 @@ class GroupsSuite(Suite):
     modes = tuple(MAX_NORM)
     mode_titles = {"norm": "norms only", "clip": "clipping active (max_norm=0: every call scales by 0)"}
     baseline = "global_kernel"
-    targets = (Target("cpu", TARGET_CASE, "norm", "segclip_groups", "speedup", ">=", 1 / 1.05),
-               Target("cpu", TARGET_CASE, "clip", "segclip_groups", "speedup", ">=", 1 / 1.05))
+    targets = (Target("cpu", TARGET_CASE, "norm", "segclip_groups", "time_over", "<=", 1.05, versus="segclip_global"),
+               Target("cpu", TARGET_CASE, "clip", "segclip_groups", "time_over", "<=", 1.05, versus="segclip_global"))
 
     def impls(self, device: str) -> dict[str, tuple[str, str | None]]:
         import segclip
@@ -117,9 +122,8 @@ class GroupsSuite(Suite):
                 return total
             return kernel_clip
         if impl == "segclip_global":
-            grads = [p.grad for p in params]
             if max_norm is None:
-                return lambda: segclip.total_norm(grads)
+                return lambda: segclip.total_norm([p.grad for p in params])
             return lambda: segclip.fused_clip_(params, max_norm)
         if impl == "segclip_groups":
             if max_norm is None:
