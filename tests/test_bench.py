@@ -195,6 +195,19 @@ def test_targets_are_evaluated_from_records():
     assert by["speedup"]["status"] == by["time_over_bound"]["status"] == "not met"
 
 
+def test_groups_target_is_against_the_global_call_in_the_same_run():
+    case = "deeplabv3_mobilenet_v3_large"
+    recs = [schema.Record("cpu", case, impl, "fp32", mode, median_s=t) for mode in ("norm", "clip")
+            for impl, t in (("global_kernel", 1.0), ("segclip_global", 1.04), ("segclip_groups", 1.08))]
+    got = {e["target"].mode: e for e in report.evaluate_targets(_result(recs, suite="groups"), device="cpu")}
+    assert got["norm"]["measured"] == pytest.approx(1.08 / 1.04) and got["norm"]["status"] == "met"
+    recs[2].median_s = 1.10  # 1.058x the global call (1.10x the kernel): missed
+    got = {e["target"].mode: e for e in report.evaluate_targets(_result(recs, suite="groups"), device="cpu")}
+    assert got["norm"]["status"] == "not met" and got["clip"]["status"] == "met"
+    rows = report.targets_table(_result(recs, suite="groups"), "cpu")[1]
+    assert rows[0][2:] == ["time / segclip global <= 1.05x", "1.06x", "not met"]
+
+
 def test_pure_pytorch_fallback_shows_compiled_row_not_available(tmp_path):
     env = dict(os.environ, SEGCLIP_BACKEND="torch")
     out = tmp_path / "run"
