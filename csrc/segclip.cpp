@@ -58,9 +58,14 @@
 //      multi_tensor_group_partials of the rest, then the root (sqrt for p = 2), in float64 when any
 //      tensor is float64, float32 otherwise (multi_tensor_norm's rule): norms of shape (num_groups,)
 //      and the 0-dim total, bitwise what multi_tensor_norm returns for the same tensors (two new
-//      tensors, aliasing no input and not each other). Refuses a list with no tensor. One kernel for every dispatch key (CompositeImplicitAutograd, below): the
-//      partials op's kernels, checks and fake kernel do the work, so the list is walked once in C++
-//      instead of once per entry in Python (see note: [fast path] in segclip/clip.py).
+//      tensors, aliasing no input and not each other). Refuses a list with no tensor. One kernel
+//      for every dispatch key (CompositeImplicitAutograd, below): the partials op's kernels, checks
+//      and fake kernel do the work, so the list is walked once in C++ instead of once per entry in
+//      Python (see note: [group fast path] in segclip/groups.py).
+//  * multi_tensor_group_clip_(tensors, groups, num_groups, norm_type, max_norm) -> (norms, total)
+//      multi_tensor_group_norms, then the present tensors scaled by the total's clip coefficient
+//      (multi_tensor_norm_coef's, bitwise: clip_coefficient.h) through multi_tensor_scale_ (nothing
+//      written when the coefficient is >= 1). Returns the norms before clipping. Composite as above.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -68,6 +73,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
+
+#include "clip_coefficient.h"
 
 #include <cmath>
 #include <optional>
@@ -86,6 +93,8 @@ TORCH_LIBRARY(segclip, m) {
   m.def("multi_tensor_clip_(Tensor(a!)[] tensors, float norm_type, float max_norm) -> (Tensor, Tensor)");
   m.def("multi_tensor_group_partials(Tensor[] tensors, int[] groups, int num_groups, float norm_type) -> Tensor");
   m.def("multi_tensor_group_norms(Tensor?[] tensors, int[] groups, int num_groups, float norm_type) -> (Tensor, Tensor)");
+  m.def("multi_tensor_group_clip_(Tensor(a!)?[] tensors, int[] groups, int num_groups, float norm_type, "
+        "float max_norm) -> (Tensor, Tensor)");
 }
 
 // NOTE: [version counter]
@@ -211,58 +220,99 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_clip_inplace(c10::DispatchKeySet
   return out;
 }
 
-// multi_tensor_group_norms: the present tensors' partials through the dispatcher (every key of the
-// partials op applies: its CPU/CUDA kernels, the Autograd refusal, the sparse refusals, its fake
-// kernel under torch.compile), then the root and the dtype.
-std::tuple<at::Tensor, at::Tensor> multi_tensor_group_norms(const c10::List<std::optional<at::Tensor>>& tensors,
-                                                            at::IntArrayRef groups, int64_t num_groups,
-                                                            double norm_type) {
-  const char* op = "segclip::multi_tensor_group_norms";
+// multi_tensor_group_norms and multi_tensor_group_clip_: the present tensors' partials through the
+// dispatcher (every key of the partials op applies: its CPU/CUDA kernels, the Autograd refusal, the
+// sparse refusals, its fake kernel under torch.compile), then the roots and the dtype; the clip
+// then scales through multi_tensor_scale_ (its refusals, its version bumps).
+struct Present {
+  std::vector<at::Tensor> tensors;
+  std::vector<int64_t> groups;
+  bool wide = false;  // a float64 tensor: the norms are float64 (multi_tensor_norm's rule)
+};
+
+Present present_entries(const c10::List<std::optional<at::Tensor>>& tensors, at::IntArrayRef groups,
+                        int64_t num_groups, const char* op) {
   TORCH_CHECK(groups.size() == tensors.size(), op, ": groups has ", groups.size(), " entries for ", tensors.size(),
               " tensors; expected one group index per tensor");
-  std::vector<at::Tensor> present;
-  std::vector<int64_t> present_groups;
-  present.reserve(tensors.size());
-  present_groups.reserve(tensors.size());
-  bool wide = false;
+  Present out;
+  out.tensors.reserve(tensors.size());
+  out.groups.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     TORCH_CHECK(groups[i] >= 0 && groups[i] < num_groups, op, ": groups[", i, "] is ", groups[i],
                 "; expected a group index in [0, ", num_groups, ")");
     const std::optional<at::Tensor> t = tensors.get(i);
     if (!t.has_value() || !t->defined()) continue;
-    wide = wide || t->scalar_type() == at::kDouble;
-    present.push_back(*t);
-    present_groups.push_back(groups[i]);
+    out.wide = out.wide || t->scalar_type() == at::kDouble;
+    out.tensors.push_back(*t);
+    out.groups.push_back(groups[i]);
   }
-  TORCH_CHECK(!present.empty(), op, ": every entry is None; expected at least one tensor");
-  const at::Tensor partials = group_partials_op().call(present, present_groups, num_groups, norm_type);
-  const at::ScalarType dtype = wide ? at::kDouble : at::kFloat;
-  const c10::DispatchKeySet keys = partials.key_set();
-  const bool real_cpu = partials.device().is_cpu() && !keys.has(c10::DispatchKey::Python) &&
-                        !keys.has(c10::DispatchKey::Functionalize);  // fake and functional tensors hold no data
-  if (real_cpu && partials.scalar_type() == at::kDouble && partials.is_contiguous()) {
-    // On the host: two outputs written in one loop instead of six small ops (each costs microseconds).
+  TORCH_CHECK(!out.tensors.empty(), op, ": every entry is None; expected at least one tensor");
+  return out;
+}
+
+// A real CPU tensor (fake and functional tensors hold no data): small results are computed on the host.
+bool on_host(const at::Tensor& t) {
+  const c10::DispatchKeySet keys = t.key_set();
+  return t.device().is_cpu() && !keys.has(c10::DispatchKey::Python) && !keys.has(c10::DispatchKey::Functionalize);
+}
+
+// The roots of the partials: (norms of the groups, the 0-dim total), two new tensors in dtype. With
+// max_norm, *coef gets the clip coefficient of the total (same dtype and device), rounded as torch
+// rounds it (clip_coefficient.h on the host; on a device, torch's own ops in torch's order).
+std::tuple<at::Tensor, at::Tensor> roots(const at::Tensor& partials, int64_t num_groups, double norm_type,
+                                         at::ScalarType dtype, std::optional<double> max_norm = std::nullopt,
+                                         at::Tensor* coef = nullptr) {
+  if (on_host(partials) && partials.scalar_type() == at::kDouble && partials.is_contiguous()) {
+    // The outputs written in one loop instead of six small ops (each costs microseconds).
     at::Tensor norms = at::empty({num_groups}, partials.options().dtype(dtype));
     at::Tensor total = at::empty({}, partials.options().dtype(dtype));
     const double* in = partials.const_data_ptr<double>();
-    AT_DISPATCH_FLOATING_TYPES(dtype, "multi_tensor_group_norms", [&] {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "segclip_group_roots", [&] {
       scalar_t* out = norms.mutable_data_ptr<scalar_t>();
       for (int64_t k = 0; k <= num_groups; ++k) {
         const double root = norm_type == 2.0 ? std::sqrt(in[k]) : in[k];  // 1 and inf: the partial itself
         (k < num_groups ? out[k] : *total.mutable_data_ptr<scalar_t>()) = static_cast<scalar_t>(root);
       }
+      if (max_norm.has_value()) {
+        const scalar_t t = *total.const_data_ptr<scalar_t>();
+        *coef = at::scalar_tensor(segclip::clip_coefficient<scalar_t>(t, static_cast<scalar_t>(*max_norm)),
+                                  total.options());
+      }
     });
     return {norms, total};
   }
-  const at::Tensor roots = norm_type == 2.0 ? partials.sqrt() : partials;
-  const at::Tensor norms = roots.to(dtype);
-  return {norms.narrow(0, 0, num_groups).clone(), norms.select(0, num_groups).clone()};
+  const at::Tensor all = (norm_type == 2.0 ? partials.sqrt() : partials).to(dtype);
+  at::Tensor total = all.select(0, num_groups).clone();
+  if (max_norm.has_value()) *coef = (total + 1e-6).reciprocal().mul(*max_norm).clamp_max(1.0);
+  return {all.narrow(0, 0, num_groups).clone(), total};
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_group_norms(const c10::List<std::optional<at::Tensor>>& tensors,
+                                                            at::IntArrayRef groups, int64_t num_groups,
+                                                            double norm_type) {
+  const Present p = present_entries(tensors, groups, num_groups, "segclip::multi_tensor_group_norms");
+  const at::Tensor partials = group_partials_op().call(p.tensors, p.groups, num_groups, norm_type);
+  return roots(partials, num_groups, norm_type, p.wide ? at::kDouble : at::kFloat);
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_group_clip_(const c10::List<std::optional<at::Tensor>>& tensors,
+                                                            at::IntArrayRef groups, int64_t num_groups,
+                                                            double norm_type, double max_norm) {
+  const char* op = "segclip::multi_tensor_group_clip_";
+  TORCH_CHECK(max_norm >= 0, op, ": max_norm must be a non-negative number, got ", max_norm);
+  const Present p = present_entries(tensors, groups, num_groups, op);
+  const at::Tensor partials = group_partials_op().call(p.tensors, p.groups, num_groups, norm_type);
+  at::Tensor coef;
+  auto out = roots(partials, num_groups, norm_type, p.wide ? at::kDouble : at::kFloat, max_norm, &coef);
+  scale_op().call(p.tensors, coef);  // writes nothing when coef >= 1; its refusals come before any write
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segclip, CompositeImplicitAutograd, m) {
   m.impl("multi_tensor_group_norms", &multi_tensor_group_norms);
+  m.impl("multi_tensor_group_clip_", &multi_tensor_group_clip_);
 }
 TORCH_LIBRARY_IMPL(segclip, Autograd, m) {
   m.impl("multi_tensor_group_partials", &multi_tensor_group_partials_autograd);

@@ -97,17 +97,18 @@ def _collect(named: list[tuple[str, list]]) -> tuple[list[Tensor], list[int]]:
     return grads, group_of
 
 
-def _fast_norms(named, norm_type: float, backend: str) -> tuple[list, Tensor, Tensor] | None:
-    """The common case in one op call: the gradients (None where a parameter has none), the groups'
-    norms and the total, or None when the general path must decide (see note: [fast path] in segclip/clip.py: the
-    op's own checks refuse what it cannot take, before anything is computed).
+def _fast_norms(named, norm_type: float, backend: str, max_norm: float | None) -> tuple[Tensor, Tensor] | None:
+    """The common case in one op call: the groups' norms and the total (with ``max_norm``: the
+    gradients clipped too, by multi_tensor_group_clip_), or None when the general path must decide
+    (see note: [fast path] in segclip/clip.py: the ops refuse what they cannot take before anything is
+    computed or written).
 
     NOTE: [group fast path]
     On a model's 193 gradients, each pass of Python over the list costs ~10-20 us, and about three
     times that when the norm pass has just swept the caches (Intel Xeon, 2026-12-01): per-entry loops
     in Python were most of what per-group norms cost over the global norm. So the list is walked once
-    here (``.grad`` of each parameter, Nones kept), and the rest is multi_tensor_group_norms' work in
-    C++: skipping the Nones, the partials, the roots and the norm's dtype.
+    here (``.grad`` of each parameter, Nones kept), and the rest is the op's work in C++: skipping the
+    Nones, the partials, the roots, the norm's dtype (and the coefficient and the scaling).
     """
     if norm_type not in partials.KERNEL_NORM_TYPES or torch.compiler.is_compiling():
         return None
@@ -126,27 +127,29 @@ def _fast_norms(named, norm_type: float, backend: str) -> tuple[list, Tensor, Te
     device = first.device
     if not (_ext.use_kernel(backend, device) and partials.has_group_kernel(device)):
         return None
+    ops = torch.ops.segclip
     with torch.no_grad():
         try:
-            norms, total = torch.ops.segclip.multi_tensor_group_norms(grads, group_of, len(named), norm_type)
+            if max_norm is None:
+                return ops.multi_tensor_group_norms(grads, group_of, len(named), norm_type)
+            return ops.multi_tensor_group_clip_(grads, group_of, len(named), norm_type, max_norm)
         except (RuntimeError, TypeError):
             return None
-    return grads, norms, total
 
 
-def _norms(groups, norm_type: float, error_if_nonfinite: bool, backend: str, process_group,
-           what: str) -> tuple[GroupNorms, list, Tensor | None]:
-    """The norms, the local tensors to scale (None where a parameter has no gradient), and the plain
-    total (for the clip coefficient)."""
+def _norms(groups, norm_type: float, error_if_nonfinite: bool, backend: str, process_group, what: str,
+           max_norm: float | None = None) -> tuple[GroupNorms, list | None, Tensor | None]:
+    """The norms, the local tensors to scale (None when the fast path has clipped them already, by
+    ``max_norm``), and the plain total (for the clip coefficient)."""
     norm_type = float(norm_type)
     named = _named_groups(groups)
     names = tuple(n for n, _ in named)
-    fast = _fast_norms(named, norm_type, backend) if process_group is None else None
+    fast = _fast_norms(named, norm_type, backend, max_norm) if process_group is None else None
     if fast is not None:
-        grads, norms, total = fast
+        norms, total = fast
         if error_if_nonfinite:
             distributed.check_finite(total, norm_type)
-        return GroupNorms(names, norms, total), grads, total
+        return GroupNorms(names, norms, total), None, total
     grads, group_of = _collect(named)
     if not grads and process_group is None:
         return GroupNorms(names, torch.zeros(len(names)), torch.tensor(0.0)), [], None
@@ -190,9 +193,9 @@ def clip_groups_(groups, max_norm: float, norm_type: float = 2.0, error_if_nonfi
     _check_backend(backend)
     max_norm = _parse_max_norm(max_norm)
     with torch.no_grad():
+        # One op clips too, unless the total must be checked before the write (error_if_nonfinite).
         result, scaled, total = _norms(groups, norm_type, error_if_nonfinite, backend, process_group,
-                                       "segclip.clip_groups_")
-        scaled = [g for g in scaled if g is not None]
+                                       "segclip.clip_groups_", None if error_if_nonfinite else max_norm)
         if scaled:
             partials.scale_(scaled, norm_math.clip_coefficient(total, max_norm), backend)
     return result

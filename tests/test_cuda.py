@@ -1393,6 +1393,8 @@ def test_opcheck_group_and_adaptive():
         # the norms op on CUDA: its device branch (the roots by ATen ops, on the device)
         torch.library.opcheck(ops.multi_tensor_group_norms.default, (ts + [None], [0, 1, 0, 2, 1], 3, p),
                               test_utils=utils)
+        torch.library.opcheck(ops.multi_tensor_group_clip_.default,
+                              ([t.clone() for t in ts] + [None], [0, 1, 0, 2, 1], 3, p, 0.5), test_utils=utils)
     ws, gs = agc_pairs([(8, 3, 3, 3), (5,), (3, CHUNK + 3)], torch.float32)
     for p in NORM_TYPES:
         torch.library.opcheck(ops.multi_tensor_adaptive_clip_.default, (ws, [g.clone() for g in gs], 0.01, 1e-3, p),

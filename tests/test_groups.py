@@ -16,6 +16,7 @@ from conftest import (ALL_DTYPES, CPU_BACKENDS, KERNEL_NORM_TYPES, NORM_RTOL, OT
 op = torch.ops.segclip.multi_tensor_group_partials if hasattr(torch.ops.segclip, "multi_tensor_group_partials") \
     else None
 norms_op = getattr(torch.ops.segclip, "multi_tensor_group_norms", None)
+clip_op = getattr(torch.ops.segclip, "multi_tensor_group_clip_", None)
 
 
 def _oracle_partial(tensors, norm_type: float) -> float:
@@ -144,6 +145,51 @@ def test_norms_op_planted_group_error_is_caught():
 def test_norms_op_bad_arguments(args, words):
     with pytest.raises(RuntimeError, match=re.escape(words)):
         norms_op(*args)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("norm_type", KERNEL_NORM_TYPES)
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("max_norm", [0.3, 1e30])
+def test_clip_op_is_the_norms_then_multi_tensor_clip(norm_type, wide, max_norm):
+    """multi_tensor_group_clip_: the norms op's figures, and the present tensors scaled bitwise as
+    multi_tensor_clip_ scales them (the same coefficient); nothing changes when nothing needs clipping."""
+    tensors = [t for t in _mixed_tensors() if wide or t.dtype != torch.float64]
+    entries = tensors[:3] + [None] + tensors[3:]
+    groups = [0, 1, 0, 2, 1, 0, 1, 0][:len(entries)]
+    want_norms, want_total = norms_op(entries, groups, 3, norm_type)
+    alone = [t.clone() for t in tensors]
+    want_total2, coef = torch.ops.segclip.multi_tensor_clip_(alone, norm_type, max_norm)
+    mine = [None if t is None else t.clone() for t in entries]
+    norms, total = clip_op(mine, groups, 3, norm_type, max_norm)
+    assert torch.equal(norms, want_norms) and torch.equal(total, want_total) and torch.equal(total, want_total2)
+    present = [t for t in mine if t is not None]
+    assert all(torch.equal(a, b) for a, b in zip(present, alone))
+    if max_norm > 1:
+        assert all(torch.equal(a, b) for a, b in zip(present, tensors))  # coefficient 1: untouched
+    else:
+        assert coef.item() < 1 and not torch.equal(present[0], tensors[0])
+
+
+@needs_cpu_kernel
+def test_clip_op_refuses_before_writing():
+    ok = torch.randn(70_000)
+    before = ok.clone()
+    expanded = torch.randn(1).expand(8)  # the scale refuses it (as mul_ does), after the norms are read
+    with pytest.raises(RuntimeError, match="expanded|overlap|stride"):
+        clip_op([ok, None, expanded], [0, 0, 1], 2, 2.0, 0.0)
+    assert torch.equal(ok, before)
+    with pytest.raises(RuntimeError, match="max_norm must be a non-negative number"):
+        clip_op([ok], [0], 1, 2.0, -1.0)
+    with pytest.raises(RuntimeError, match="every entry is None"):
+        clip_op([None], [0], 1, 2.0, 1.0)
+    assert torch.equal(ok, before)
+    # segclip.clip_groups_ then takes the general path, which names the gradient
+    p, q = torch.nn.Parameter(torch.zeros(70_000)), torch.nn.Parameter(torch.zeros(8))
+    p.grad, q.grad = ok, expanded
+    with pytest.raises(RuntimeError, match="expand"):
+        segclip.clip_groups_({"a": [p], "b": [q]}, 0.0)
+    assert torch.equal(ok, before)
 
 
 @needs_cpu_kernel
