@@ -598,10 +598,11 @@ def test_step_bench_suite_times_what_it_says():
     from segclip.bench.suites.step import step_fns
 
     suite = get("step")
-    assert set(suite.impls("cpu")) == {"torch", "fused_clip", "unfolded", "folded", "step", "bound"}
+    impls = ("torch", "fused_clip", "unfolded", "folded", "step", "bound", "scaled_bound")
+    assert set(suite.impls("cpu")) == set(impls)
     for amp in (False, True):
         results = {}
-        for impl in ("torch", "fused_clip", "unfolded", "folded", "step", "bound"):
+        for impl in impls:
             torch.manual_seed(0)
             params = [nn.Parameter(torch.randn(s)) for s in ((5, 3), (7,), (2, 2, 3))]
             for p in params:
@@ -613,9 +614,13 @@ def test_step_bench_suite_times_what_it_says():
             fns = step_fns(params, opt, scaler, max_norm=0.5)
             fns[impl]()
             fns[impl]()  # twice: each call is a whole iteration
+            assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf"), impl
             results[impl] = [p.detach().clone() for p in params] + [p.grad.clone() for p in params]
         for impl in ("fused_clip", "unfolded", "folded"):
             for a, b in zip(results["torch"], results[impl]):
                 torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL, msg=lambda m: f"{impl} amp={amp}: {m}")
+        # the floors step as the step alone does (the grad_scale of 1 changes nothing), and leave no attribute
+        for impl in ("bound", "scaled_bound"):
+            assert all(torch.equal(a, b) for a, b in zip(results["step"], results[impl])), impl
         # Adam's update hardly depends on the gradients' scale: the clipped gradients themselves show it
         assert any(not torch.allclose(a, b) for a, b in zip(results["torch"][3:], results["step"][3:]))
