@@ -170,10 +170,11 @@ def evaluate_targets(result: dict, suite: Suite | None = None, device: str | Non
 def _target_text(t: Target, suite: Suite) -> str:
     if t.metric == "of_bound":
         return f"fraction of bandwidth bound {t.op} {100 * t.value:.0f}%"
-    if t.metric == "time_over":
-        what = f"time / {suite.impls('cpu')[t.versus][0]}"
+    labels = {k: label for k, (label, _) in suite.impls(t.device).items()}
+    if t.metric in ("time_over", "time_over_bound"):
+        what = f"time / {labels[t.versus if t.metric == 'time_over' else suite.bound]}"
     else:
-        what = "time / flat bound" if t.metric == "time_over_bound" else f"speedup vs {suite.impls('cpu')[suite.baseline][0]}"
+        what = f"speedup vs {labels[suite.baseline]}"
     return f"{what} {t.op} {round(t.value, 3)}x"  # 1/1.05 reads 0.952x
 
 
