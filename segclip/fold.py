@@ -20,6 +20,7 @@ The data still flows one way: checks here, then the op calls of ``segclip.clip``
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import warnings
 
@@ -284,24 +285,40 @@ def _named_groups(groups, params: list) -> tuple[list[tuple[str, list]], list, d
     none), and ``{id(parameter): group index}``; raises for a parameter the optimizer does not step
     or one in two groups."""
     named = _groups._named_groups(groups)
-    known = {id(p) for p in params}
+    known = set(map(id, params))
     index: dict[int, int] = {}
     for k, (name, ps) in enumerate(named):
-        for p in ps:
-            i = id(p)
-            if i not in known:
-                raise ValueError(f"groups[{name!r}] holds a parameter that is not in the optimizer's param_groups")
-            if index.setdefault(i, k) != k:
-                raise ValueError(f"a parameter is in two groups, {named[index[i]][0]!r} and {name!r}: the total would "
-                                 "count it twice")
+        ids = list(map(id, ps))  # set and dict work in C: this runs every step (see note: [group fast path])
+        if not known.issuperset(ids):
+            raise ValueError(f"groups[{name!r}] holds a parameter that is not in the optimizer's param_groups")
+        before = len(index)
+        index.update(zip(ids, itertools.repeat(k)))
+        if len(index) - before < len(set(ids)):  # an id already there: in an earlier group
+            other = next(_first_groups(named[:k], ids))[1]
+            raise ValueError(f"a parameter is in two groups, {named[other][0]!r} and {name!r}: the total would "
+                             "count it twice")
     if len(index) < sum(len(ps) for _, ps in named):  # a parameter listed twice in its group: once
         named = [(n, list({id(p): p for p in ps}.values())) for n, ps in named]
     return named, [p for p in params if id(p) not in index], index
 
 
+def _first_groups(earlier: list[tuple[str, list]], ids: list[int]):
+    """``(id, group index)`` for each of ``ids`` that an earlier group holds (an error message's detail)."""
+    wanted = set(ids)
+    for k, (_, ps) in enumerate(earlier):
+        for p in ps:
+            if id(p) in wanted:
+                yield id(p), k
+
+
 def _group_of(index: dict[int, int], num_groups: int, params: list) -> list[int]:
     """The group index of each of ``params``' gradients, in ``params`` order (num_groups: no group)."""
     return [index.get(id(p), num_groups) for p in params if p.grad is not None]
+
+
+def _group_of_params(index: dict[int, int], num_groups: int, params: list) -> list[int]:
+    """The group index of each of ``params`` (with or without a gradient), in order."""
+    return [index.get(i, num_groups) for i in map(id, params)]
 
 
 def _group_norms(grads: list[Tensor], group_of: list[int], num_groups: int, norm_type: float) -> Tensor:
@@ -329,27 +346,28 @@ def _fast_norm(optimizer, params: list, scaler, norm_type: float, fold, named, i
             _unfused_reason(optimizer) is not None:
         return None
     try:
-        grads = [p.grad for p in params if p.grad is not None]
+        entries = [p.grad for p in params]  # one read of .grad each, Nones kept for the group op
     except AttributeError:
         return None  # not a parameter: the general path names it
+    grads = [g for g in entries if g is not None]
     if named is None:
         norms = clip._fast_norm(grads, norm_type, False, "auto")  # total_norm's fast path
     else:
-        norms = _fast_group_norms(grads, params, norm_type, named, index)
+        norms = _fast_group_norms(grads, entries, params, norm_type, named, index)
     if norms is None or (scaler is not None and any(g.dtype == torch.float16 for g in grads)):
         return None  # (fp16 with a scaler: the general path raises as unscale_ does)
     return grads, norms
 
 
-def _fast_group_norms(grads: list, params: list, norm_type: float, named, index) -> Tensor | None:
-    """The groups' norms, then the total, from one group-partials op call, or None (see note:
-    [fold fast path])."""
+def _fast_group_norms(grads: list, entries: list, params: list, norm_type: float, named, index) -> Tensor | None:
+    """The groups' norms, then the total, from one group-norms op call over ``entries`` (each
+    parameter's ``.grad``, None included), or None (see note: [fold fast path])."""
     if not grads or type(grads[0]) is not Tensor or not clip._resolve("auto", grads[0].device) or \
             not partials.has_group_kernel(grads[0].device):
         return None
     try:  # the groups, then a hidden group of the parameters in none (see note: [group fast path] in groups.py)
-        group_of = _group_of(index, len(named), params)
-        norms, total = torch.ops.segclip.multi_tensor_group_norms(grads, group_of, len(named) + 1, norm_type)
+        group_of = _group_of_params(index, len(named), params)
+        norms, total = torch.ops.segclip.multi_tensor_group_norms(entries, group_of, len(named) + 1, norm_type)
     except (RuntimeError, TypeError):  # TypeError: a gradient that is no Tensor
         return None
     return torch.cat([norms[:len(named)], total.reshape(1)])  # the hidden group dropped
