@@ -1217,6 +1217,16 @@ def test_group_norms_api_on_cuda():
     torch.testing.assert_close(got.norms.cpu(), want.norms, rtol=1e-6, atol=0)
     total = segclip.total_norm([p.grad for ps in params.values() for p in ps])
     assert torch.equal(bits(got.total), bits(total))
+    # clip_groups_ (multi_tensor_group_clip_, its coefficient by torch's ops on the device): the values
+    # fused_clip_ gives, bitwise
+    flat = [p for ps in params.values() for p in ps]
+    originals = [p.grad.clone() for p in flat]
+    clipped = segclip.clip_groups_(params, 0.1)
+    mine = [p.grad.clone() for p in flat]
+    for p, g in zip(flat, originals):
+        p.grad = g.clone()
+    assert torch.equal(bits(clipped.total), bits(segclip.fused_clip_(flat, 0.1)))
+    assert all(torch.equal(a, p.grad) for a, p in zip(mine, flat)) and not torch.equal(mine[0], originals[0])
 
 
 def agc_ref(weights, grads, clip_factor, eps, norm_type):
