@@ -304,3 +304,45 @@ def test_ops_refuse_tensors_that_require_grad_in_grad_mode(name):
         torch._C._set_autograd_fallback_mode(prev)
     for o in (out if isinstance(out, tuple) else (out,) if out is not None else ()):
         assert not o.requires_grad and o.grad_fn is None
+
+
+def _lopsided_list(seed: int) -> list[torch.Tensor]:
+    """600 small tensors, then a few of several chunks each (one of them not a whole number of chunks):
+    cut into equal counts of chunks, the second thread would get nearly all the elements (see NOTE
+    [balanced split] in csrc/cpu/balanced_parallel.h)."""
+    g = torch.Generator().manual_seed(seed)
+    small = [torch.randn(int(n), generator=g) for n in torch.randint(1, 300, (600,), generator=g)]
+    big = [torch.randn(n, generator=g) * s for n, s in ((3 * 65536 + 17, 1.0), (5 * 65536, 0.1), (65536 - 3, 10.0))]
+    return small + big + [torch.randn(7, generator=g)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_every_chunk_runs_once_whatever_the_split(threads):
+    """The CPU kernels run each chunk (row block for AGC) exactly once, on any thread count, and give
+    bitwise the same results: norms against float64, the scale, the value clip and AGC against
+    single-thread runs and torch's own ops on each tensor."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        ts = _lopsided_list(threads)
+        ops = torch.ops.segclip
+        norms = {p: ops.multi_tensor_norm(ts, p) for p in (2.0, 1.0, math.inf)}
+        for p, norm in norms.items():
+            assert_norm_close(norm, oracle_norm(ts, p), 1e-6)
+        scaled = [t.clone() for t in ts]
+        ops.multi_tensor_scale_(scaled, torch.tensor(0.5))
+        assert all(torch.equal(a, b * 0.5) for a, b in zip(scaled, ts))  # a chunk scaled twice would be 0.25
+        clamped = [t.clone() for t in ts]
+        ops.multi_tensor_clip_value_(clamped, 0.7)
+        assert all(torch.equal(a, b.clamp(-0.7, 0.7)) for a, b in zip(clamped, ts))
+        weights = [torch.ones_like(t) for t in ts]
+        agc = [t.clone() for t in ts]
+        ops.multi_tensor_adaptive_clip_(weights, agc, 0.01, 1e-3, 2.0)
+        torch.set_num_threads(1)
+        agc_one = [t.clone() for t in ts]
+        ops.multi_tensor_adaptive_clip_(weights, agc_one, 0.01, 1e-3, 2.0)
+        assert all(torch.equal(a, b) for a, b in zip(agc, agc_one))
+        assert sum(not torch.equal(a, b) for a, b in zip(agc, ts)) > 500  # most units were clipped
+        assert all(torch.equal(ops.multi_tensor_norm(ts, p), norm) for p, norm in norms.items())  # bitwise, 1 thread
+    finally:
+        torch.set_num_threads(before)

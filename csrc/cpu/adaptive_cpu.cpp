@@ -16,6 +16,7 @@
 #include "../adaptive_checks.h"
 #include "../inplace_checks.h"
 #include "../shared_memory.h"
+#include "balanced_parallel.h"
 #include "tensor_checks.h"
 
 namespace segclip {
@@ -152,17 +153,16 @@ void clip_pairs(const std::vector<Pair>& pairs, double clip_factor, double eps) 
     for (int64_t r = 0; r < pr.rows; r += per_item) items.push_back({p, r, std::min(pr.rows, r + per_item)});
   }
   std::vector<uint8_t> wrote(items.size(), 0);  // one slot per item: each written by one thread
-  const int64_t n = static_cast<int64_t>(items.size());
-  const int64_t grain = total < kParallelMinElems ? std::max<int64_t>(n, 1) : 1;
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const Item& it = items[k];
-      const Pair& pr = pairs[it.pair];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pr.g.scalar_type(), "segclip_adaptive_clip_cpu", [&] {
-        wrote[k] = clip_rows<K, scalar_t>(pr.w.const_data_ptr<scalar_t>(), pr.g.mutable_data_ptr<scalar_t>(), pr.len,
-                                          it.row_begin, it.row_end, clip_factor, eps);
-      });
-    }
+  std::vector<int64_t> sizes(items.size());
+  for (size_t k = 0; k < items.size(); ++k) sizes[k] = (items[k].row_end - items[k].row_begin) * pairs[items[k].pair].len;
+  // the threads' shares cut by elements: see note: [balanced split] in balanced_parallel.h
+  parallel_for_weighted(sizes, total >= kParallelMinElems, kItemElems, [&](int64_t k) {
+    const Item& it = items[k];
+    const Pair& pr = pairs[it.pair];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pr.g.scalar_type(), "segclip_adaptive_clip_cpu", [&] {
+      wrote[k] = clip_rows<K, scalar_t>(pr.w.const_data_ptr<scalar_t>(), pr.g.mutable_data_ptr<scalar_t>(), pr.len,
+                                        it.row_begin, it.row_end, clip_factor, eps);
+    });
   });
   std::vector<uint8_t> pair_wrote(pairs.size(), 0);
   for (size_t k = 0; k < items.size(); ++k) pair_wrote[items[k].pair] |= wrote[k];

@@ -16,6 +16,7 @@
 #include "../scale_out_of_place.h"
 #include "../shared_memory.h"
 #include "tensor_checks.h"
+#include "balanced_parallel.h"
 #include "norm_partials.h"
 
 namespace segclip {
@@ -143,17 +144,16 @@ struct Chunk {
   int64_t end;
 };
 
-// Runs fn(c) for every chunk index c, in parallel when there is enough work. The grain is the
-// whole range for small inputs, so at::parallel_for runs them inline on the calling thread.
+// Runs fn(c) for every chunk index c, in parallel when there is enough work, the threads' shares
+// cut by elements (see note: [balanced split] in balanced_parallel.h); small inputs run inline on the
+// calling thread.
 template <typename Fn>
 void for_each_chunk(const std::vector<at::Tensor>& tensors, const std::vector<Chunk>& chunks, const Fn& fn) {
   int64_t total = 0;
   for (const at::Tensor& t : tensors) total += t.numel();
-  const int64_t n = static_cast<int64_t>(chunks.size());
-  const int64_t grain = total < kParallelMinElems ? std::max<int64_t>(n, 1) : 1;
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) fn(c);
-  });
+  std::vector<int64_t> sizes(chunks.size());
+  for (size_t c = 0; c < chunks.size(); ++c) sizes[c] = chunks[c].end - chunks[c].begin;
+  parallel_for_weighted(sizes, total >= kParallelMinElems, kChunkElems, fn);
 }
 
 // Chunks of all tensors in list order; see note: [CPU chunking and determinism].

@@ -12,6 +12,7 @@
 
 #include "../inplace_checks.h"
 #include "../shared_memory.h"
+#include "balanced_parallel.h"
 #include "tensor_checks.h"
 
 namespace segclip {
@@ -100,17 +101,15 @@ void clamp_all(const std::vector<at::Tensor>& ts, double c) {
     total += n;
     for (int64_t b = 0; b < n; b += kChunkElems) chunks.push_back({t, b, std::min(n, b + kChunkElems)});
   }
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  const int64_t grain = total < kParallelMinElems ? std::max<int64_t>(n_chunks, 1) : 1;
-  at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const Chunk& ch = chunks[k];
-      const at::Tensor& t = ts[ch.tensor];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "segclip_clip_value_cpu", [&] {
-        clamp_chunk<scalar_t>(t.mutable_data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin,
-                              rounded_bound<scalar_t>(c));
-      });
-    }
+  std::vector<int64_t> sizes(chunks.size());
+  for (size_t k = 0; k < chunks.size(); ++k) sizes[k] = chunks[k].end - chunks[k].begin;
+  // the threads' shares cut by elements: see note: [balanced split] in balanced_parallel.h
+  parallel_for_weighted(sizes, total >= kParallelMinElems, kChunkElems, [&](int64_t k) {
+    const Chunk& ch = chunks[k];
+    const at::Tensor& t = ts[ch.tensor];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "segclip_clip_value_cpu", [&] {
+      clamp_chunk<scalar_t>(t.mutable_data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin, rounded_bound<scalar_t>(c));
+    });
   });
 }
 
