@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -67,4 +68,8 @@ def test_a_bad_data_file_under_torchrun_gives_one_line_from_segclip(tmp_path):
     ours = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("segclip train:")]
     assert len(ours) == 1 and f"cannot read {d / 'JPEGImages' / f'{name}.jpg'}" in ours[0], r.stderr[-3000:]
     assert "gloo" not in r.stderr and "Connection closed" not in r.stderr
-    assert r.stderr.count("exitcode  : 2") == 2  # both processes: status 2, no crash
+    # The rank that read the bad file exits with status 2; the other one too once its collective fails,
+    # unless torchrun's agent terminated it first (SIGTERM, then SIGKILL after a grace period: seen
+    # once in a CI run on a loaded machine). A crash (a signal of its own, a traceback's status 1) fails.
+    codes = sorted(int(c) for c in re.findall(r"^\s*exitcode  : (-?\d+)", r.stderr, re.M))
+    assert len(codes) == 2 and 2 in codes and set(codes) <= {2, 143, -15, -9}, (codes, r.stderr[-3000:])
