@@ -75,6 +75,7 @@
 #include <torch/library.h>
 
 #include "clip_coefficient.h"
+#include "group_checks.h"
 
 #include <cmath>
 #include <optional>
@@ -232,14 +233,11 @@ struct Present {
 
 Present present_entries(const c10::List<std::optional<at::Tensor>>& tensors, at::IntArrayRef groups,
                         int64_t num_groups, const char* op) {
-  TORCH_CHECK(groups.size() == tensors.size(), op, ": groups has ", groups.size(), " entries for ", tensors.size(),
-              " tensors; expected one group index per tensor");
+  segclip::check_group_arguments(tensors.size(), groups, num_groups, op);  // None entries' indices too
   Present out;
   out.tensors.reserve(tensors.size());
   out.groups.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(groups[i] >= 0 && groups[i] < num_groups, op, ": groups[", i, "] is ", groups[i],
-                "; expected a group index in [0, ", num_groups, ")");
     const std::optional<at::Tensor> t = tensors.get(i);
     if (!t.has_value() || !t->defined()) continue;
     out.wide = out.wide || t->scalar_type() == at::kDouble;

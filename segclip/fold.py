@@ -294,21 +294,17 @@ def _named_groups(groups, params: list) -> tuple[list[tuple[str, list]], list, d
         before = len(index)
         index.update(zip(ids, itertools.repeat(k)))
         if len(index) - before < len(set(ids)):  # an id already there: in an earlier group
-            other = next(_first_groups(named[:k], ids))[1]
-            raise ValueError(f"a parameter is in two groups, {named[other][0]!r} and {name!r}: the total would "
-                             "count it twice")
+            raise ValueError(f"a parameter is in two groups, {named[_earlier_group(named[:k], ids)][0]!r} and "
+                             f"{name!r}: the total would count it twice")
     if len(index) < sum(len(ps) for _, ps in named):  # a parameter listed twice in its group: once
         named = [(n, list({id(p): p for p in ps}.values())) for n, ps in named]
     return named, [p for p in params if id(p) not in index], index
 
 
-def _first_groups(earlier: list[tuple[str, list]], ids: list[int]):
-    """``(id, group index)`` for each of ``ids`` that an earlier group holds (an error message's detail)."""
+def _earlier_group(earlier: list[tuple[str, list]], ids: list[int]) -> int:
+    """The index of the first of ``earlier`` groups that holds one of ``ids`` (an error message's detail)."""
     wanted = set(ids)
-    for k, (_, ps) in enumerate(earlier):
-        for p in ps:
-            if id(p) in wanted:
-                yield id(p), k
+    return next(k for k, (_, ps) in enumerate(earlier) if not wanted.isdisjoint(map(id, ps)))
 
 
 def _group_of(index: dict[int, int], num_groups: int, params: list) -> list[int]:
@@ -352,25 +348,13 @@ def _fast_norm(optimizer, params: list, scaler, norm_type: float, fold, named, i
     grads = [g for g in entries if g is not None]
     if named is None:
         norms = clip._fast_norm(grads, norm_type, False, "auto")  # total_norm's fast path
-    else:
-        norms = _fast_group_norms(grads, entries, params, norm_type, named, index)
+    else:  # the groups, then a hidden group of the parameters in none (see note: [group fast path] in groups.py)
+        result = _groups.group_op(entries, _group_of_params(index, len(named), params), len(named) + 1, norm_type,
+                                  "auto")
+        norms = None if result is None else torch.cat([result[0][:len(named)], result[1].reshape(1)])
     if norms is None or (scaler is not None and any(g.dtype == torch.float16 for g in grads)):
         return None  # (fp16 with a scaler: the general path raises as unscale_ does)
     return grads, norms
-
-
-def _fast_group_norms(grads: list, entries: list, params: list, norm_type: float, named, index) -> Tensor | None:
-    """The groups' norms, then the total, from one group-norms op call over ``entries`` (each
-    parameter's ``.grad``, None included), or None (see note: [fold fast path])."""
-    if not grads or type(grads[0]) is not Tensor or not clip._resolve("auto", grads[0].device) or \
-            not partials.has_group_kernel(grads[0].device):
-        return None
-    try:  # the groups, then a hidden group of the parameters in none (see note: [group fast path] in groups.py)
-        group_of = _group_of_params(index, len(named), params)
-        norms, total = torch.ops.segclip.multi_tensor_group_norms(entries, group_of, len(named) + 1, norm_type)
-    except (RuntimeError, TypeError):  # TypeError: a gradient that is no Tensor
-        return None
-    return torch.cat([norms[:len(named)], total.reshape(1)])  # the hidden group dropped
 
 
 FOLDED, ONE_PASS, PLAIN = "folded", "one-pass", "plain"

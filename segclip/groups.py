@@ -121,7 +121,16 @@ def _fast_norms(named, norm_type: float, backend: str, max_norm: float | None) -
             group_of += [k] * len(gs)
     except AttributeError:
         return None  # not a parameter: the general path names it
-    first = next((g for g in grads if g is not None), None)
+    return group_op(grads, group_of, len(named), norm_type, backend, max_norm)
+
+
+def group_op(entries: list, group_of: list[int], num_groups: int, norm_type: float, backend: str,
+             max_norm: float | None = None) -> tuple[Tensor, Tensor] | None:
+    """``(groups' norms, total)`` of ``entries`` (gradients, None where a parameter has none) by one
+    call of multi_tensor_group_norms (with ``max_norm``: multi_tensor_group_clip_, which clips too),
+    or None when the op cannot take them (the caller's general path decides). The fast paths of
+    group_norms, clip_groups_ and clip_optimizer_(groups=) (segclip/fold.py) all end here."""
+    first = next((g for g in entries if g is not None), None)
     if first is None or type(first) is not Tensor:
         return None
     device = first.device
@@ -131,9 +140,9 @@ def _fast_norms(named, norm_type: float, backend: str, max_norm: float | None) -
     with torch.no_grad():
         try:
             if max_norm is None:
-                return ops.multi_tensor_group_norms(grads, group_of, len(named), norm_type)
-            return ops.multi_tensor_group_clip_(grads, group_of, len(named), norm_type, max_norm)
-        except (RuntimeError, TypeError):
+                return ops.multi_tensor_group_norms(entries, group_of, num_groups, norm_type)
+            return ops.multi_tensor_group_clip_(entries, group_of, num_groups, norm_type, max_norm)
+        except (RuntimeError, TypeError):  # TypeError: an entry that is no Tensor
             return None
 
 

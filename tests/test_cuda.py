@@ -1219,13 +1219,10 @@ def test_group_norms_api_on_cuda():
     assert torch.equal(bits(got.total), bits(total))
     # clip_groups_ (multi_tensor_group_clip_, its coefficient by torch's ops on the device): the values
     # fused_clip_ gives, bitwise
+    from test_groups import clip_groups_then_fused_clip
+    clipped, fused_total, mine, originals = clip_groups_then_fused_clip(params, 0.1)
     flat = [p for ps in params.values() for p in ps]
-    originals = [p.grad.clone() for p in flat]
-    clipped = segclip.clip_groups_(params, 0.1)
-    mine = [p.grad.clone() for p in flat]
-    for p, g in zip(flat, originals):
-        p.grad = g.clone()
-    assert torch.equal(bits(clipped.total), bits(segclip.fused_clip_(flat, 0.1)))
+    assert torch.equal(bits(clipped.total), bits(fused_total))
     assert all(torch.equal(a, p.grad) for a, p in zip(mine, flat)) and not torch.equal(mine[0], originals[0])
 
 

@@ -256,16 +256,24 @@ def test_group_norms_takes_one_op_call_with_nones(monkeypatch):
     assert any(b.any() for b in before)
 
 
+def clip_groups_then_fused_clip(params: dict, max_norm: float):
+    """``clip_groups_(params)``, then the same gradients restored and ``fused_clip_`` over all of them:
+    ``(groups' result, fused_clip_'s norm, the gradients clip_groups_ left, the originals)``; the
+    parameters end with fused_clip_'s gradients."""
+    flat = [p for ps in params.values() for p in ps]
+    originals = [p.grad.clone() for p in flat]
+    norms = segclip.clip_groups_(params, max_norm)
+    clipped = [p.grad.clone() for p in flat]
+    for p, g in zip(flat, originals):
+        p.grad = g.clone()
+    return norms, segclip.fused_clip_(flat, max_norm), clipped, originals
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_clip_groups_matches_fused_clip(dtype):
     params = _model_groups(dtype)
     flat = [p for ps in params.values() for p in ps]
-    originals = [p.grad.clone() for p in flat]
-    norms = segclip.clip_groups_(params, 0.1)
-    clipped = [p.grad.clone() for p in flat]
-    for p, g in zip(flat, originals):
-        p.grad = g.clone()
-    total = segclip.fused_clip_(flat, 0.1)
+    norms, total, clipped, originals = clip_groups_then_fused_clip(params, 0.1)
     assert norms.total.item() == total.item()
     assert all(torch.equal(a, p.grad) for a, p in zip(clipped, flat))  # clipped by the same coefficient
     assert not torch.equal(clipped[0], originals[0])
