@@ -254,12 +254,9 @@ bool on_host(const at::Tensor& t) {
   return t.device().is_cpu() && !keys.has(c10::DispatchKey::Python) && !keys.has(c10::DispatchKey::Functionalize);
 }
 
-// The roots of the partials: (norms of the groups, the 0-dim total), two new tensors in dtype. With
-// max_norm, *coef gets the clip coefficient of the total (same dtype and device), rounded as torch
-// rounds it (clip_coefficient.h on the host; on a device, torch's own ops in torch's order).
+// The roots of the partials: (norms of the groups, the 0-dim total), two new tensors in dtype.
 std::tuple<at::Tensor, at::Tensor> roots(const at::Tensor& partials, int64_t num_groups, double norm_type,
-                                         at::ScalarType dtype, std::optional<double> max_norm = std::nullopt,
-                                         at::Tensor* coef = nullptr) {
+                                         at::ScalarType dtype) {
   if (on_host(partials) && partials.scalar_type() == at::kDouble && partials.is_contiguous()) {
     // The outputs written in one loop instead of six small ops (each costs microseconds).
     at::Tensor norms = at::empty({num_groups}, partials.options().dtype(dtype));
@@ -271,18 +268,21 @@ std::tuple<at::Tensor, at::Tensor> roots(const at::Tensor& partials, int64_t num
         const double root = norm_type == 2.0 ? std::sqrt(in[k]) : in[k];  // 1 and inf: the partial itself
         (k < num_groups ? out[k] : *total.mutable_data_ptr<scalar_t>()) = static_cast<scalar_t>(root);
       }
-      if (max_norm.has_value()) {
-        const scalar_t t = *total.const_data_ptr<scalar_t>();
-        *coef = at::scalar_tensor(segclip::clip_coefficient<scalar_t>(t, static_cast<scalar_t>(*max_norm)),
-                                  total.options());
-      }
     });
     return {norms, total};
   }
   const at::Tensor all = (norm_type == 2.0 ? partials.sqrt() : partials).to(dtype);
-  at::Tensor total = all.select(0, num_groups).clone();
-  if (max_norm.has_value()) *coef = (total + 1e-6).reciprocal().mul(*max_norm).clamp_max(1.0);
-  return {all.narrow(0, 0, num_groups).clone(), total};
+  return {all.narrow(0, 0, num_groups).clone(), all.select(0, num_groups).clone()};
+}
+
+// The total's clip coefficient (same dtype and device), rounded as torch rounds it: clip_coefficient.h
+// on the host (multi_tensor_norm_coef's), on a device torch's own ops in torch's order.
+at::Tensor coefficient(const at::Tensor& total, double max_norm) {
+  if (!on_host(total)) return (total + 1e-6).reciprocal().mul(max_norm).clamp_max(1.0);
+  return AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "segclip_group_coef", [&] {
+    const scalar_t t = *total.const_data_ptr<scalar_t>();
+    return at::scalar_tensor(segclip::clip_coefficient<scalar_t>(t, static_cast<scalar_t>(max_norm)), total.options());
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_group_norms(const c10::List<std::optional<at::Tensor>>& tensors,
@@ -300,9 +300,9 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_group_clip_(const c10::List<std:
   TORCH_CHECK(max_norm >= 0, op, ": max_norm must be a non-negative number, got ", max_norm);
   const Present p = present_entries(tensors, groups, num_groups, op);
   const at::Tensor partials = group_partials_op().call(p.tensors, p.groups, num_groups, norm_type);
-  at::Tensor coef;
-  auto out = roots(partials, num_groups, norm_type, p.wide ? at::kDouble : at::kFloat, max_norm, &coef);
-  scale_op().call(p.tensors, coef);  // writes nothing when coef >= 1; its refusals come before any write
+  auto out = roots(partials, num_groups, norm_type, p.wide ? at::kDouble : at::kFloat);
+  // writes nothing when the coefficient is >= 1; its refusals come before any write
+  scale_op().call(p.tensors, coefficient(std::get<1>(out), max_norm));
   return out;
 }
 

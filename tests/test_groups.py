@@ -84,6 +84,7 @@ def test_opcheck(norm_type):
         torch.library.opcheck(op.default, (tensors, groups, n, norm_type))
         # the norms op too, with a None entry (its fake results come from the partials op's fake kernel)
         torch.library.opcheck(norms_op.default, (tensors + [None], groups + [0], n, norm_type))
+        torch.library.opcheck(clip_op.default, ([t.clone() for t in tensors] + [None], groups + [0], n, norm_type, 0.5))
 
 
 @needs_cpu_kernel
