@@ -108,11 +108,16 @@ def state_pairs(net_a, opt_a, net_b, opt_b):
             yield f"optimizer state {k}.{key}", sa[k][key], sb[k][key]
 
 
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b|, NaN-free positions only (0 for empty tensors)."""
+    return float((b - a).abs().nan_to_num(0.0).max()) if a.numel() else 0.0
+
+
 def assert_same_state(net_a, opt_a, net_b, opt_b, scaler_a=None, scaler_b=None, what="", bounds=None):
     """The two copies agree to RTOL/ATOL, or, for a name in ``bounds``, to that max |difference|."""
     for name, a, b in state_pairs(net_a, opt_a, net_b, opt_b):
         if bounds is not None and name in bounds and a.is_floating_point():
-            diff = float((b - a).abs().nan_to_num(0.0).max()) if a.numel() else 0.0
+            diff = max_abs_diff(a, b)
             assert diff <= bounds[name] and torch.equal(a.isnan(), b.isnan()), (
                 f"{what} {name}: max |difference| {diff:.3g} > {bounds[name]:.3g}, {NOISE_MARGIN}x torch's "
                 f"recipe against itself with max_norm {NUDGES} ulps off")
@@ -161,7 +166,7 @@ def torch_noise(**pair) -> dict[str, float]:
         net_a, opt_a, _, net_b, opt_b, _, _ = train_pair(**pair, fold=False, recipe=nudged_torch_recipe(k))
         for name, a, b in state_pairs(net_a, opt_a, net_b, opt_b):
             if a.is_floating_point() and a.numel():
-                floor[name] = max(floor.get(name, 0.0), float((b - a).abs().nan_to_num(0.0).max()))
+                floor[name] = max(floor.get(name, 0.0), max_abs_diff(a, b))
     return floor
 
 
