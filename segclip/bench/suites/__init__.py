@@ -63,6 +63,7 @@ class Suite:
     dtypes, modes: values ``--dtypes`` / ``--modes`` accept (the first of ``dtypes`` is ``--quick``'s).
     mode_titles: a table heading per mode.
     baseline, bound: the implementation speedups are relative to, and the one that is the bound (or None).
+    floors: other columns that are floors, not implementations (hatched in the chart, like the bound).
     presets: {"full": {...}, "quick": {...}}: defaults of min_run_time, rounds, retries, ...
     targets: headline targets, reported after the run and on the results page.
     """
@@ -78,6 +79,7 @@ class Suite:
     mode_titles: dict[str, str] = {}
     baseline: str | None = None
     bound: str | None = None
+    floors: tuple[str, ...] = ()  # other reference figures that are no implementation (drawn like the bound)
     presets = {"full": {"min_run_time": 0.2, "rounds": 3, "retries": 3, "quiet_timeout": 60.0, "retry_budget": 900.0},
                "quick": {"min_run_time": 0.1, "rounds": 1, "retries": 1, "quiet_timeout": 5.0, "retry_budget": 20.0}}
     targets: tuple[Target, ...] = ()

@@ -54,6 +54,7 @@ class StepSuite(Suite):
     mode_titles = MODES
     baseline = "torch"
     bound = "bound"
+    floors = ("step", "scaled_bound")
     targets = _targets()
 
     def impls(self, device: str) -> dict[str, tuple[str, str | None]]:
